@@ -1,0 +1,104 @@
+"""`DistillationConfig`: `TrainingArguments` plus the knobs of knowledge distillation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .losses import LOSS_TYPES, check_loss_settings
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    r"""
+    Configuration for [`DistillationTrainer`]: every [`~transformers.TrainingArguments`] field, plus the
+    distillation settings below. The loss is `alpha · KD + (1 − alpha) · CE`, where KD is the divergence
+    between teacher and student (at `temperature`) and CE the student's own loss on the labels, both
+    averaged over the target tokens of the whole accumulated batch.
+    """
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local folder of the teacher, used when the trainer is given no teacher_model."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for the teacher's from_pretrained, as a dict or a JSON string, e.g. "
+            '\'{"dtype": "bfloat16"}\'. The teacher runs in that dtype (float32 when not given).'
+        },
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the distillation term in [0, 1]: loss = alpha·KD + (1 − alpha)·CE. 0 is exactly the "
+            "student's own loss (the teacher is not run in training), 1 is pure distillation."
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Softmax temperature T > 0 for both models in the KD term; KL-type losses are scaled by T²."},
+    )
+    loss_type: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "The divergence: forward_kl T²·KL(p‖q), reverse_kl T²·KL(q‖p), jsd (generalized, see beta), "
+            "skew_kl / skew_reverse_kl (DistiLLM, see skew), tvd (total variation), mse or cosine (on raw logits). "
+            "p is the teacher's distribution, q the student's.",
+            "choices": list(LOSS_TYPES),
+        },
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "For loss_type='jsd': the mixture m = beta·p + (1 − beta)·q and loss beta·KL(p‖m) + "
+            "(1 − beta)·KL(q‖m), in [0, 1]; 0 gives forward KL and 1 reverse KL (TRL GKD's convention)."
+        },
+    )
+    skew: float = field(
+        default=0.1,
+        metadata={
+            "help": "For skew_kl: KL(p ‖ skew·p + (1 − skew)·q); for skew_reverse_kl: KL(q ‖ (1 − skew)·p + skew·q). "
+            "In [0, 1]; DistiLLM uses 0.1."
+        },
+    )
+    distill_all_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "Distill on every non-padding position (prompt included) instead of only where labels are not "
+            "-100. The CE term always uses the labels. Causal LMs only; seq2seq and classifiers ignore it."
+        },
+    )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the loss from the final hidden states chunk by chunk, never holding full (tokens, vocab) "
+            "logits of either model. Used where the model takes `logits_to_keep` and its head is a plain linear "
+            "layer (checked once on the first batch); other models fall back to full logits."
+        },
+    )
+    chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Positions per chunk of the chunked loss; None picks about 16M logits per chunk."},
+    )
+
+    def __post_init__(self):
+        check_loss_settings(self.loss_type, self.temperature, self.beta, self.skew)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"alpha={self.alpha!r} must lie in [0, 1]: loss = alpha·KD + (1 − alpha)·CE (0 = no teacher, 1 = pure KD)."
+            )
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size={self.chunk_size} must be a positive number of positions (or None for auto).")
+        if isinstance(self.teacher_model_init_kwargs, str):
+            try:
+                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} is not valid JSON ({error}); "
+                    'write it like \'{"dtype": "bfloat16"}\'.'
+                ) from None
+        super().__post_init__()

@@ -1,0 +1,100 @@
+"""Collators for the three task kinds, and checks of a tokenized dataset before training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+from .teacher import CAUSAL, CLASSIFICATION, SEQ2SEQ
+
+
+@dataclass
+class CausalLMCollator:
+    """Pad `input_ids`/`attention_mask` with the pad token and `labels` with -100, on the right.
+
+    Rows without `labels` are trained on every token (labels = input_ids). Rows that carry `labels`
+    keep them, so prompt tokens masked with -100 stay out of the loss.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for feature in features:
+            ids = list(feature["input_ids"])
+            labels = list(feature["labels"]) if feature.get("labels") is not None else list(ids)
+            mask = list(feature["attention_mask"]) if feature.get("attention_mask") is not None else [1] * len(ids)
+            pad = length - len(ids)
+            batch["input_ids"].append(ids + [self.pad_token_id] * pad)
+            batch["attention_mask"].append(mask + [0] * pad)
+            batch["labels"].append(labels + [-100] * pad)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def default_collator(kind: str, tokenizer, pad_to_multiple_of: int | None = None):
+    """The collator a kind needs when the user gives none."""
+    if tokenizer is None:
+        raise ValueError(
+            "DistillationTrainer needs a processing_class (the student's tokenizer) to pad batches, or a data_collator."
+        )
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if kind == CAUSAL:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError(f"The tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token; set pad_token.")
+        return CausalLMCollator(pad_id, pad_to_multiple_of)
+    if kind == SEQ2SEQ:
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of)
+    if kind == CLASSIFICATION:
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    raise ValueError(f"Unknown task kind {kind!r}.")
+
+
+def rows_without_targets(labels_column, kind: str) -> int:
+    """How many rows would add nothing to the loss: every label -100 (causal: after the shift)."""
+    if kind == CLASSIFICATION:
+        return sum(1 for label in labels_column if label == -100)
+    skip = 1 if kind == CAUSAL else 0
+    return sum(1 for labels in labels_column if all(label == -100 for label in list(labels)[skip:]))
+
+
+def check_train_dataset(dataset, kind: str, name: str = "train_dataset") -> None:
+    """Raise before training on a dataset that cannot train; warn about rows that add nothing."""
+    from transformers.utils import logging
+
+    logger = logging.get_logger(__name__)
+    if dataset is None or not hasattr(dataset, "__len__"):
+        return
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: give it at least one tokenized row.")
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        return
+    if "input_ids" not in columns:
+        raise ValueError(
+            f"{name} has columns {columns} but no 'input_ids'. Tokenize it first (for instance with "
+            "hf_distill.data.tokenize_dataset or dataset.map(tokenizer)), so each row has input_ids and labels."
+        )
+    if kind == CLASSIFICATION and "labels" not in columns and "label" not in columns:
+        raise ValueError(f"{name} has columns {columns} but no 'labels' (or 'label'): a classifier needs class ids.")
+    if kind == SEQ2SEQ and "labels" not in columns:
+        raise ValueError(f"{name} has columns {columns} but no 'labels': a seq2seq model needs target token ids.")
+    if "labels" in columns and kind != CLASSIFICATION:
+        empty = rows_without_targets(dataset["labels"], kind)
+        if empty == len(dataset):
+            raise ValueError(
+                f"None of the {len(dataset)} rows of {name} has a target token: every label is -100 (prompt-only rows, "
+                "or responses truncated away). Check the response column and max_length."
+            )
+        if empty:
+            logger.warning(
+                f"{empty} of {len(dataset)} rows of {name} have no target token (every label is -100) and add nothing "
+                "to the loss; drop them to save compute."
+            )

@@ -1,0 +1,218 @@
+"""Loading models, checking that a teacher fits a student, and placing the teacher for inference."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+CAUSAL, SEQ2SEQ, CLASSIFICATION = "causal", "seq2seq", "classification"
+_AUTO_CLASSES = {
+    CAUSAL: AutoModelForCausalLM,
+    SEQ2SEQ: AutoModelForSeq2SeqLM,
+    CLASSIFICATION: AutoModelForSequenceClassification,
+}
+
+
+def _unwrap(model):
+    """The transformers model under PEFT / DDP / compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def kind_of_config(config) -> str:
+    if getattr(config, "is_encoder_decoder", False):
+        return SEQ2SEQ
+    architectures = getattr(config, "architectures", None) or []
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
+        return CLASSIFICATION
+    return CAUSAL
+
+
+def model_kind(model) -> str:
+    """'causal', 'seq2seq' or 'classification', from the model's class (not its checkpoint)."""
+    inner = _unwrap(model)
+    name = type(inner).__name__
+    if name.endswith("ForSequenceClassification"):
+        return CLASSIFICATION
+    if getattr(inner.config, "is_encoder_decoder", False):
+        return SEQ2SEQ
+    if name.endswith(("ForCausalLM", "LMHeadModel")) or "CausalLM" in name:
+        return CAUSAL
+    raise TypeError(
+        f"{name} is not a model hf_distill can distill: use a causal LM (AutoModelForCausalLM), a seq2seq LM "
+        "(AutoModelForSeq2SeqLM) or a sequence classifier (AutoModelForSequenceClassification)."
+    )
+
+
+def resolve_init_kwargs(init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Copy of `from_pretrained` kwargs with a `dtype` given as a string ('bfloat16') turned into a torch dtype."""
+    kwargs = dict(init_kwargs or {})
+    if "torch_dtype" in kwargs:  # the transformers 4 spelling
+        kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, str) and dtype != "auto":
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use 'float32', 'bfloat16', 'float16' or 'auto'.")
+        kwargs["dtype"] = resolved
+    return kwargs
+
+
+def load_model(name_or_path: str, kind: str | None = None, **init_kwargs) -> PreTrainedModel:
+    """Load a causal LM, seq2seq LM or classifier from a Hub id or a local folder, its kind read from the config."""
+    init_kwargs = resolve_init_kwargs(init_kwargs)
+    if kind is None:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=init_kwargs.get("trust_remote_code", False))
+        kind = kind_of_config(config)
+    return _AUTO_CLASSES[kind].from_pretrained(name_or_path, **init_kwargs)
+
+
+def load_tokenizer_if_any(name_or_path: str):
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def output_size(model) -> int:
+    """Size of the model's output distribution: the vocabulary (LMs) or the number of classes (classifiers)."""
+    inner = _unwrap(model)
+    if model_kind(inner) == CLASSIFICATION:
+        return inner.config.num_labels
+    head = inner.get_output_embeddings()
+    if head is not None and hasattr(head, "weight"):
+        return head.weight.shape[0]
+    return inner.config.get_text_config().vocab_size
+
+
+def check_compatible(student, teacher) -> None:
+    """Raise if the teacher cannot be compared with the student position by position."""
+    student_kind, teacher_kind = model_kind(student), model_kind(teacher)
+    student_name, teacher_name = type(_unwrap(student)).__name__, type(_unwrap(teacher)).__name__
+    if student_kind != teacher_kind:
+        raise ValueError(
+            f"The teacher is a {teacher_kind} model ({teacher_name}) but the student is a {student_kind} model "
+            f"({student_name}). Distillation compares their outputs position by position, so both must be of one "
+            "kind: load the teacher with the same AutoModelFor... class as the student."
+        )
+    student_size, teacher_size = output_size(student), output_size(teacher)
+    if student_kind == CLASSIFICATION and student_size != teacher_size:
+        raise ValueError(
+            f"The teacher ({teacher_name}) predicts {teacher_size} classes but the student ({student_name}) predicts "
+            f"{student_size}. Give the student num_labels={teacher_size} and the teacher's label2id."
+        )
+    if student_size != teacher_size:
+        logger.warning(
+            f"Teacher vocabulary ({teacher_size} rows) and student vocabulary ({student_size} rows) differ in size; "
+            f"the divergence compares the first {min(student_size, teacher_size)} rows, which is right when the "
+            "difference is padding (as in Qwen2's 151,936 vs 152,064). Pass both tokenizers to have this checked."
+        )
+
+
+def check_tokenizers(student_tokenizer, teacher_tokenizer, shared_rows: int) -> None:
+    """Raise a `ValueError` naming both tokenizers and the first id they map to different tokens."""
+    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)  # processors wrap one
+    teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)
+    if not hasattr(student_tokenizer, "get_vocab") or not hasattr(teacher_tokenizer, "get_vocab"):
+        return
+    student_name = getattr(student_tokenizer, "name_or_path", type(student_tokenizer).__name__)
+    teacher_name = getattr(teacher_tokenizer, "name_or_path", type(teacher_tokenizer).__name__)
+    student_tokens = {i: t for t, i in student_tokenizer.get_vocab().items()}
+    teacher_tokens = {i: t for t, i in teacher_tokenizer.get_vocab().items()}
+    for token_id in range(max(len(student_tokens), len(teacher_tokens))):
+        if student_tokens.get(token_id) != teacher_tokens.get(token_id):
+            raise ValueError(
+                f"The teacher tokenizer ({teacher_name!r}, {len(teacher_tokens)} tokens) and the student tokenizer "
+                f"({student_name!r}, {len(student_tokens)} tokens) differ: id {token_id} is "
+                f"{teacher_tokens.get(token_id)!r} for the teacher and {student_tokens.get(token_id)!r} for the "
+                "student. Token-level distillation needs one vocabulary: choose a teacher and student of one model "
+                "family (or the same tokenizer)."
+            )
+    if len(student_tokens) > shared_rows:
+        raise ValueError(
+            f"The tokenizers have {len(student_tokens)} tokens but the smaller model has only {shared_rows} output rows; "
+            "resize its embeddings (model.resize_token_embeddings(len(tokenizer))) before distilling."
+        )
+
+
+def freeze(model) -> None:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def prepare_teacher(teacher, accelerator):
+    """Freeze the teacher and place it for inference the way the run is distributed.
+
+    DeepSpeed ZeRO-3 and FSDP shard the teacher like the student (no full replica per device); any other
+    setup moves it whole to the process's device. It is never wrapped in DDP, since it is not trained.
+    """
+    freeze(teacher)
+    distributed_type = accelerator.distributed_type.name if accelerator.distributed_type is not None else "NO"
+    if distributed_type == "DEEPSPEED":
+        return _prepare_deepspeed(teacher, accelerator)
+    if distributed_type == "FSDP":
+        return _prepare_fsdp(teacher, accelerator)
+    return teacher.to(accelerator.device)
+
+
+def _prepare_deepspeed(teacher, accelerator):
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    # An inference engine: no optimizer, scheduler or optimizer offload; below ZeRO-3 the teacher is
+    # simply replicated (stage 0), as it holds no optimizer state to shard.
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config.setdefault("zero_optimization", {}).pop("offload_optimizer", None)
+    if stage != 3:
+        config["zero_optimization"]["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
+
+
+def _prepare_fsdp(teacher, accelerator):
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 1) == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        plugin.set_auto_wrap_policy(teacher)
+        for module in teacher.modules():  # shard the repeated blocks, then the root, as accelerate does
+            if type(module).__name__ in (getattr(teacher, "_no_split_modules", None) or []):
+                fully_shard(module, mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
+        fully_shard(teacher, mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
+        return teacher
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    plugin.set_auto_wrap_policy(teacher)
+    return FullyShardedDataParallel(
+        teacher,
+        sharding_strategy=plugin.sharding_strategy,
+        auto_wrap_policy=plugin.auto_wrap_policy,
+        mixed_precision=plugin.mixed_precision_policy,
+        cpu_offload=plugin.cpu_offload,
+        device_id=accelerator.device,
+        use_orig_params=True,
+    )
