@@ -33,9 +33,9 @@ def check_loss_settings(loss_type: str, temperature: float, beta: float, skew: f
 
 
 def _kl_from_log_probs(log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
-    """KL(p‖r) over the last dimension; terms with p = 0 contribute 0 even where r = 0."""
+    """KL(p‖r) over the last dimension; terms with p = 0 contribute 0 even where r = 0 (NaN stays NaN)."""
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_r), torch.zeros_like(p))
+    terms = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_r))
     # Rounding can leave a tiny negative sum where p ≈ r; a divergence is never negative.
     return terms.sum(-1).clamp_min(0.0)
 

@@ -203,7 +203,7 @@ class DistillationTrainer(Trainer):
                 )
                 projected = head(out.hidden_states[-1][probe])
                 works = out.logits.shape == projected.shape and torch.allclose(
-                    out.logits.float(), projected.float(), rtol=1e-3, atol=1e-3
+                    out.logits.float(), projected.float(), rtol=1e-3, atol=1e-3, equal_nan=True
                 )
             if not works:
                 logger.warning(
