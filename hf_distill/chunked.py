@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .cache import CachedTeacher, cached_token_divergence
 from .losses import cross_entropy_per_position, token_divergence
 
 
@@ -24,6 +25,7 @@ class LossSettings:
     temperature: float = 1.0
     beta: float = 0.5
     skew: float = 0.1
+    cache_tail: str = "bucket"  # how a cached teacher's mass outside its top-k is treated, see cache.py
 
 
 @dataclass
@@ -46,14 +48,26 @@ class PositionTargets:
         return PositionTargets(self.targets[part], self.kd_mask[part], self.ce_mask[part], self.kd_scale, self.ce_scale)
 
 
+def _divergence(student_logits, teacher, settings: LossSettings) -> torch.Tensor:
+    """Per-position divergence against teacher logits (shared leading vocabulary rows) or a cached teacher."""
+    options = dict(loss_type=settings.loss_type, temperature=settings.temperature, beta=settings.beta, skew=settings.skew)
+    if isinstance(teacher, CachedTeacher):
+        return cached_token_divergence(
+            student_logits, teacher.ids, teacher.logprobs, teacher.lse, tail=settings.cache_tail, **options
+        )
+    vocab = min(student_logits.shape[-1], teacher.shape[-1])
+    return token_divergence(student_logits[..., :vocab], teacher[..., :vocab], **options)
+
+
 def blended_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher_logits: "torch.Tensor | CachedTeacher | None",
     positions: PositionTargets,
     settings: LossSettings,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, Σ divergence over distilled positions, Σ CE over targets) for logits of shape (N, V).
 
+    The teacher is given as logits (N, V_t), as cached top-k entries (`CachedTeacher`), or None (CE only).
     The two sums are detached (for logging). Teacher and student may differ in vocabulary size by
     padding rows: the divergence compares the shared leading rows. A term whose scale is 0 is left
     out of the loss, so alpha=0 is exactly the student's own loss even if the teacher overflowed.
@@ -61,15 +75,7 @@ def blended_loss(
     loss = student_logits.new_zeros((), dtype=torch.float32)
     kd_sum = loss.detach().clone()
     if teacher_logits is not None:
-        vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-        divergence = token_divergence(
-            student_logits[..., :vocab],
-            teacher_logits[..., :vocab],
-            loss_type=settings.loss_type,
-            temperature=settings.temperature,
-            beta=settings.beta,
-            skew=settings.skew,
-        )
+        divergence = _divergence(student_logits, teacher_logits, settings)
         kd = torch.where(positions.kd_mask, divergence, torch.zeros_like(divergence)).sum()
         kd_sum = kd.detach()
         if positions.kd_scale != 0:
@@ -137,7 +143,9 @@ def chunked_blended_loss(
 
     `student_hidden` (N, D) holds the student's final hidden states at the selected positions;
     `teacher_hidden` (N, D_t) the teacher's, projected by `teacher_head` chunk by chunk without
-    gradient (None trains on the student's own loss alone). Values and gradients equal the unchunked
+    gradient (None trains on the student's own loss alone). Anything sliceable by positions works as
+    `teacher_hidden` when `teacher_head` turns a slice into what `blended_loss` takes: precomputed logits
+    with `nn.Identity()`, or a `CachedTeacher` with `nn.Identity()`. Values and gradients equal the unchunked
     `blended_loss` up to float rounding.
     """
     if chunk_size < 1:

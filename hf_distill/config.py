@@ -85,7 +85,26 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Positions per chunk of the chunked loss; None picks about 16M logits per chunk."},
     )
 
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of an offline teacher cache (`hf-distill cache-teacher`): training reads the teacher's "
+            "stored top-k log-probabilities instead of running it. The cache must match the training data, "
+            "tokenizer, temperature and distill_all_tokens. Causal LMs."
+        },
+    )
+    teacher_cache_tail: str = field(
+        default="bucket",
+        metadata={
+            "help": "With teacher_cache: 'bucket' keeps the teacher's mass outside its top-k as one extra bucket "
+            "(compared with the student's mass there); 'renormalize' drops it and renormalizes both top-k.",
+            "choices": ["bucket", "renormalize"],
+        },
+    )
+
     def __post_init__(self):
+        if self.teacher_cache_tail not in ("bucket", "renormalize"):
+            raise ValueError(f"teacher_cache_tail={self.teacher_cache_tail!r}; choose 'bucket' or 'renormalize'.")
         check_loss_settings(self.loss_type, self.temperature, self.beta, self.skew)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(

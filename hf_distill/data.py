@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 from .teacher import CAUSAL, CLASSIFICATION, SEQ2SEQ
@@ -98,3 +99,40 @@ def check_train_dataset(dataset, kind: str, name: str = "train_dataset") -> None
                 f"{empty} of {len(dataset)} rows of {name} have no target token (every label is -100) and add nothing "
                 "to the loss; drop them to save compute."
             )
+
+
+def causal_target_masks(labels: torch.Tensor, attention_mask: torch.Tensor | None, distill_all_tokens: bool):
+    """(targets, CE mask, KD mask) of a causal batch, shaped like its positions: position t predicts token t + 1.
+
+    The CE mask holds positions whose next label is not -100. The KD mask is the same, or with
+    `distill_all_tokens` every position whose next token is real (non-padding) text, prompt included.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    ce_mask = targets != -100
+    if not distill_all_tokens:
+        return targets, ce_mask, ce_mask
+    if attention_mask is None:
+        attention_mask = torch.ones_like(labels)
+    next_is_text = F.pad(attention_mask[:, 1:], (0, 1), value=0).bool()
+    return targets, ce_mask, (attention_mask.bool() & next_is_text) | ce_mask
+
+
+@dataclass
+class CachedTeacherCollator:
+    """Wraps a collator: cached teacher entries of each row are flattened into (positions, k) tensors.
+
+    Rows are concatenated in order, matching the trainer's row-major selection of target positions.
+    """
+
+    collator: Any
+    top_k: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        cached = [{key: feature.pop(key) for key in ("teacher_ids", "teacher_logprobs", "teacher_lse")} for feature in features]
+        batch = self.collator(features)
+        batch["teacher_ids"] = torch.cat([torch.as_tensor(c["teacher_ids"], dtype=torch.long) for c in cached]).view(-1, self.top_k)
+        batch["teacher_logprobs"] = torch.cat(
+            [torch.as_tensor(c["teacher_logprobs"], dtype=torch.float32) for c in cached]
+        ).view(-1, self.top_k)
+        batch["teacher_lse"] = torch.cat([torch.as_tensor(c["teacher_lse"], dtype=torch.float32) for c in cached])
+        return batch

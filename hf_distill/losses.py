@@ -67,7 +67,7 @@ def token_divergence(
     if loss_type == "mse":
         return (student - teacher).pow(2).mean(-1)
     if loss_type == "cosine":
-        return 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
+        return (1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)).clamp_min(0.0)
 
     log_q = F.log_softmax(student / temperature, dim=-1)
     log_p = F.log_softmax(teacher / temperature, dim=-1)
@@ -89,7 +89,8 @@ def token_divergence(
             log_m = _log_mixture(log_p, log_q, beta)
             value = beta * _kl_from_log_probs(log_p, log_m) + (1 - beta) * _kl_from_log_probs(log_q, log_m)
     elif loss_type == "skew_kl":
-        value = _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, skew))
+        # skew=1 compares p with itself: exactly 0, kept in the graph so backward still runs.
+        value = _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, skew)) if skew < 1.0 else 0.0 * log_q.sum(-1)
     elif loss_type == "skew_reverse_kl":
         value = _kl_from_log_probs(log_q, _log_mixture(log_q, log_p, skew))
     else:

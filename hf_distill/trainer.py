@@ -12,9 +12,10 @@ from transformers import PreTrainedModel, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
+from .cache import CACHE_COLUMNS, CacheSettings, CachedTeacher, load_cache
 from .chunked import LossSettings, PositionTargets, blended_loss, chunked_blended_loss, default_chunk_size
 from .config import DistillationConfig
-from .data import check_train_dataset, default_collator
+from .data import CachedTeacherCollator, causal_target_masks, check_train_dataset, default_collator
 from .teacher import (
     CAUSAL,
     CLASSIFICATION,
@@ -32,7 +33,7 @@ from .teacher import (
 logger = logging.get_logger(__name__)
 
 # Batch keys that describe targets rather than model inputs.
-_TARGET_KEYS = ("labels", "num_items_in_batch")
+_TARGET_KEYS = ("labels", "num_items_in_batch", *CACHE_COLUMNS)
 
 
 class DistillationTrainer(Trainer):
@@ -85,19 +86,23 @@ class DistillationTrainer(Trainer):
         if isinstance(model, str):
             model = load_model(model)
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None:
+        if teacher_model is None and args.teacher_cache is None:
             raise ValueError(
-                "DistillationTrainer needs a teacher: pass teacher_model=... or set teacher_model_name_or_path."
+                "DistillationTrainer needs a teacher: pass teacher_model=..., set teacher_model_name_or_path, or "
+                "train from an offline cache with teacher_cache=..."
             )
         if isinstance(teacher_model, str):
             if teacher_processing_class is None:
                 teacher_processing_class = load_tokenizer_if_any(teacher_model)
             teacher_model = load_model(teacher_model, **(args.teacher_model_init_kwargs or {}))
 
-        check_compatible(model, teacher_model)
         self.task_kind = model_kind(model)
-        if processing_class is not None and teacher_processing_class is not None and self.task_kind != CLASSIFICATION:
-            check_tokenizers(processing_class, teacher_processing_class, min(output_size(model), output_size(teacher_model)))
+        if teacher_model is not None:
+            check_compatible(model, teacher_model)
+            if processing_class is not None and teacher_processing_class is not None and self.task_kind != CLASSIFICATION:
+                check_tokenizers(
+                    processing_class, teacher_processing_class, min(output_size(model), output_size(teacher_model))
+                )
         if self.task_kind != CAUSAL and args.distill_all_tokens:
             logger.warning("distill_all_tokens applies to causal LMs only; distilling on the labels.")
 
@@ -108,6 +113,9 @@ class DistillationTrainer(Trainer):
         if data_collator is None:
             data_collator = default_collator(self.task_kind, processing_class)
         check_train_dataset(train_dataset, self.task_kind)
+        self.cache_info = None
+        if args.teacher_cache is not None:
+            train_dataset, data_collator = self._attach_cache(args, train_dataset, data_collator, processing_class)
 
         super().__init__(
             model=model,
@@ -120,10 +128,33 @@ class DistillationTrainer(Trainer):
         )
         # The student's loss is computed here, never inside its forward.
         self.model_accepts_loss_kwargs = False
-        self.teacher_model = prepare_teacher(teacher_model, self.accelerator)
+        self.teacher_model = None if teacher_model is None else prepare_teacher(teacher_model, self.accelerator)
         self.loss_settings = LossSettings(args.loss_type, args.temperature, args.beta, args.skew)
         self._use_chunks: dict[str, bool] = {}  # decided per model on the first batch
         self._metric_sums = {"train": None, "eval": None}
+        if teacher_model is not None:
+            self.teacher_name = getattr(_unwrap(teacher_model).config, "_name_or_path", None) or type(_unwrap(teacher_model)).__name__
+        else:
+            self.teacher_name = self.cache_info.get("teacher_name") or "cached teacher"
+        self.evaluation_table: str | None = None  # set by recipe runs; goes into the model card
+        self.dataset_name: str | None = None
+
+    def _attach_cache(self, args, train_dataset, data_collator, processing_class):
+        """Join the cached teacher entries to the training rows (checked to be built for exactly these rows)."""
+        from datasets import concatenate_datasets
+
+        if self.task_kind != CAUSAL:
+            raise ValueError(f"teacher_cache works with causal LMs; this student is a {self.task_kind} model.")
+        if processing_class is None:
+            raise ValueError("teacher_cache needs the processing_class (tokenizer) to check the cache was built with it.")
+        settings = CacheSettings(args.temperature, 0, args.distill_all_tokens)
+        cache, self.cache_info = load_cache(args.teacher_cache, train_dataset, processing_class, settings)
+        train_dataset = concatenate_datasets([train_dataset, cache], axis=1)
+        return train_dataset, CachedTeacherCollator(data_collator, self.cache_info["settings"]["top_k"])
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS]))
 
     # ---- targets ------------------------------------------------------------------------------------
 
@@ -137,16 +168,7 @@ class DistillationTrainer(Trainer):
         if self.task_kind != CAUSAL:
             ce_mask = labels != -100
             return labels, ce_mask, ce_mask
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-        ce_mask = targets != -100
-        if not self.args.distill_all_tokens:
-            return targets, ce_mask, ce_mask
-        attention = inputs.get("attention_mask")
-        if attention is None:
-            attention = torch.ones_like(labels)
-        # Every position whose next token is real text is distilled, prompt included.
-        kd_mask = (attention.bool() & F.pad(attention[:, 1:], (0, 1), value=0).bool()) | ce_mask
-        return targets, ce_mask, kd_mask
+        return causal_target_masks(labels, inputs.get("attention_mask"), self.args.distill_all_tokens)
 
     def _target_counts(self, inputs: dict[str, Any]) -> torch.Tensor:
         _, ce_mask, kd_mask = self._position_masks(inputs)
@@ -250,7 +272,7 @@ class DistillationTrainer(Trainer):
                 "rows), so it is skipped. Drop such rows from the dataset."
             )
         alpha = self.args.alpha
-        run_teacher = (alpha > 0 or mode == "eval") and bool(select.any())
+        want_kd = (alpha > 0 or mode == "eval") and bool(select.any())
         positions = PositionTargets(
             targets=targets[select],
             kd_mask=kd_mask2d[select],
@@ -261,11 +283,14 @@ class DistillationTrainer(Trainer):
 
         outputs, student_out, student_head = self._run("student", model, inputs, select)
         teacher_out = teacher_head = None
-        if run_teacher:
+        if want_kd and "teacher_ids" in inputs:
+            teacher_out = self._cached_teacher(inputs, select)
+        elif want_kd and self.teacher_model is not None:
             with torch.no_grad():
                 _, teacher_out, teacher_head = self._run("teacher", self.teacher_model, inputs, select)
-            if teacher_head is None and student_head is not None:
-                teacher_head = nn.Identity()  # teacher logits already projected; the chunk loop slices them
+        if teacher_out is not None and teacher_head is None and student_head is not None:
+            teacher_head = nn.Identity()  # logits or cached entries: the chunk loop only slices them
+        ran_teacher = teacher_out is not None
 
         if student_head is not None:
             loss, kd_sum, ce_sum = chunked_blended_loss(
@@ -287,10 +312,19 @@ class DistillationTrainer(Trainer):
         loss = loss + 0.0 * student_out.sum()
 
         self._check_finite(loss, kd_sum, ce_sum, alpha)
-        self._record(mode, kd_sum, ce_sum, kd_mask2d.sum() if run_teacher else 0, ce_mask2d.sum())
+        self._record(mode, kd_sum, ce_sum, kd_mask2d.sum() if ran_teacher else 0, ce_mask2d.sum())
         if distributed_counts and mode == "train":
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, outputs) if return_outputs else loss
+
+    def _cached_teacher(self, inputs, select) -> CachedTeacher:
+        cached = CachedTeacher(inputs["teacher_ids"], inputs["teacher_logprobs"], inputs["teacher_lse"])
+        if len(cached) != int(select.sum()):
+            raise ValueError(
+                f"The batch has {int(select.sum())} distilled positions but the teacher cache gives {len(cached)}: the "
+                "cache was built for other labels or another distill_all_tokens setting. Rebuild it for this data."
+            )
+        return cached
 
     def _check_finite(self, loss, kd_sum, ce_sum, alpha) -> None:
         if torch.isfinite(loss):
@@ -333,3 +367,31 @@ class DistillationTrainer(Trainer):
                 logs[f"{prefix}ce_loss"] = round(ce_sum / n_ce, 6)
             self._metric_sums[mode] = None
         super().log(logs, start_time)
+
+    # ---- export -------------------------------------------------------------------------------------
+
+    def create_model_card(self, model_name: str | None = None, dataset: str | None = None, license: str | None = None, **kwargs):
+        """Write README.md in `output_dir`: how the student was distilled, and the evaluation table if known."""
+        import os
+
+        from .report import model_card
+
+        if not self.is_world_process_zero():
+            return
+        student = _unwrap(self.model)
+        info = {
+            "teacher": self.teacher_name,
+            "student": getattr(student.config, "_name_or_path", None) or type(student).__name__,
+            "task": self.task_kind,
+            "dataset": dataset or self.dataset_name,
+            "steps": self.state.global_step,
+            "repo_id": getattr(self, "hub_model_id", None) or model_name,
+            "license": license,
+            **{key: getattr(self.args, key) for key in (
+                "loss_type", "temperature", "alpha", "beta", "skew", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "learning_rate",
+            )},
+        }
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(model_card(info, self.evaluation_table))

@@ -506,24 +506,7 @@ def test_teacher_zero_probability_makes_reverse_kl_infinite_not_nan(loss_type, k
 
 
 @pytest.mark.parametrize("temperature", (0.5, 4.0))
-@pytest.mark.parametrize(
-    ("loss_type", "kwargs"),
-    [
-        pytest.param(
-            lt,
-            kw,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: cosine loss is 1 − F.cosine_similarity without a clamp; rounding gives about −1e-8 "
-                "for identical student and teacher (the KL losses clamp at 0)",
-            ),
-        )
-        if lt == "cosine"
-        else (lt, kw)
-        for lt, kw in LOSS_CASES
-    ],
-    ids=LOSS_CASE_IDS,
-)
+@pytest.mark.parametrize(("loss_type", "kwargs"), LOSS_CASES, ids=LOSS_CASE_IDS)
 def test_identical_student_and_teacher_give_exactly_nonnegative_near_zero(loss_type, kwargs, temperature):
     logits = random_logits((16, 4, 32), seed=35, scale=5.0)
     values = token_divergence(logits, logits.clone(), loss_type=loss_type, temperature=temperature, **kwargs)
@@ -557,11 +540,9 @@ def test_divergences_are_nonnegative_on_random_inputs(loss_type, kwargs):
         for teacher in (random_logits((8, 3, 12), seed=300 + seed, scale=2.0), student + noise):
             values = token_divergence(student, teacher, loss_type=loss_type, temperature=1.0 + seed / 2, **kwargs)
             assert torch.isfinite(values).all()
+            assert (values >= 0).all(), values.min().item()
             if loss_type == "cosine":
-                # Only a rounding-level dip below zero (see the xfail above); bounded by 2 from above.
-                assert (values >= -1e-6).all() and (values <= 2 + 1e-6).all()
-            else:
-                assert (values >= 0).all(), values.min().item()
+                assert (values <= 2 + 1e-6).all()
             if loss_type == "tvd":
                 assert (values <= 1 + 1e-6).all()
 
@@ -631,12 +612,6 @@ def test_all_labels_ignored_custom_index_without_grad():
     assert loss.item() == 0.0 and not loss.requires_grad
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): skew_kl with skew=1 is KL(p‖p) = 0 and comes back without a grad_fn, so loss.backward() "
-    "raises 'element 0 of tensors does not require grad' (unlike the all-ignored case, which returns a zero "
-    "that carries gradient)",
-)
 def test_degenerate_skew_kl_keeps_a_grad_fn():
     student = random_logits((3, 5), seed=40).requires_grad_(True)
     teacher = random_logits((3, 5), seed=41)

@@ -1,0 +1,302 @@
+"""Offline teacher cache: run the teacher once, store its top-k log-probabilities per target token, train from them.
+
+Layout of a cache folder:
+    cache_info.json         fingerprints (teacher, tokenizer, dataset, settings), k, dtypes, shard list
+    shard-00000.arrow ...   Arrow IPC stream shards, memory-mapped by `datasets.Dataset.from_file`
+
+One cache row per dataset row, with that row's target positions flattened in order:
+    teacher_ids       top-k token ids (uint16 when the vocabulary fits, else int32), n_targets · k values
+    teacher_logprobs  their log-probabilities at the cache's temperature (float16), n_targets · k values
+    teacher_lse       logsumexp(teacher_logits / T) over the whole vocabulary (float32), n_targets values:
+                      with the log-probs it gives back the raw top-k logits (for mse / cosine)
+
+The mass outside the top-k is 1 − Σ p_topk and is kept as its own bucket in the divergence, never dropped or
+folded into the top-k by renormalizing (unless `teacher_cache_tail="renormalize"` asks for it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+INFO_FILE = "cache_info.json"
+CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_lse")
+MAX_BYTES_PER_TOKEN = 256
+
+
+def default_top_k(vocab_size: int) -> int:
+    """The largest k whose entry fits in 256 bytes a token: 63 with 16-bit ids, 42 with 32-bit ids."""
+    id_bytes = 2 if vocab_size <= 65536 else 4
+    return (MAX_BYTES_PER_TOKEN - 4) // (id_bytes + 2)
+
+
+def bytes_per_token(vocab_size: int, k: int) -> int:
+    return k * ((2 if vocab_size <= 65536 else 4) + 2) + 4
+
+
+# ---- fingerprints --------------------------------------------------------------------------------
+
+
+def _digest(update) -> str:
+    hasher = hashlib.sha256()
+    update(hasher)
+    return hasher.hexdigest()[:16]
+
+
+def teacher_fingerprint(teacher) -> str:
+    """Hash of every parameter's bytes: two teachers share it only if their weights are identical."""
+
+    def update(hasher):
+        for name, tensor in sorted(teacher.state_dict().items()):
+            hasher.update(name.encode())
+            hasher.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+
+    return _digest(update)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return _digest(lambda hasher: hasher.update(json.dumps(vocab, ensure_ascii=False).encode()))
+
+
+def dataset_fingerprint(dataset) -> str:
+    """Hash of the token ids and labels of every row, in order."""
+
+    def update(hasher):
+        for column in ("input_ids", "labels"):
+            for values in dataset.with_format("numpy")[column] if len(dataset) else []:
+                hasher.update(np.asarray(values, dtype=np.int64).tobytes())
+                hasher.update(b"|")
+
+    return _digest(update)
+
+
+@dataclass
+class CacheSettings:
+    temperature: float
+    top_k: int
+    distill_all_tokens: bool
+
+    def as_dict(self):
+        return {"temperature": self.temperature, "top_k": self.top_k, "distill_all_tokens": self.distill_all_tokens}
+
+
+# ---- the teacher's top-k -------------------------------------------------------------------------
+
+
+def top_k_entries(teacher_logits: torch.Tensor, k: int, temperature: float):
+    """(ids, log-probs, lse) of the top-k at temperature T for logits (n, V)."""
+    scaled = teacher_logits.float() / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    values, ids = scaled.topk(k, dim=-1)
+    return ids, values - lse[:, None], lse
+
+
+def tail_log_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 − Σ exp(topk_logprobs)), −inf where the top-k hold all the mass (to float precision)."""
+    covered = torch.logsumexp(topk_logprobs.float(), dim=-1).clamp(max=0.0)
+    return torch.log(-torch.expm1(covered))
+
+
+def _bucket_log_probs(student_logits, ids, teacher_logprobs, temperature, tail: str):
+    """Student and teacher log-probabilities over the top-k ids plus one bucket for everything else."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q_top = log_q.gather(-1, ids)
+    log_p_top = teacher_logprobs.float()
+    if tail == "renormalize":
+        return F.log_softmax(log_q_top, -1), F.log_softmax(log_p_top, -1)
+    log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    log_p_tail = tail_log_mass(log_p_top)[:, None]
+    return torch.cat([log_q_top, log_q_tail], -1), torch.cat([log_p_top, log_p_tail], -1)
+
+
+def cached_token_divergence(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    *,
+    loss_type: str,
+    temperature: float,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    tail: str = "bucket",
+) -> torch.Tensor:
+    """`token_divergence` against a cached teacher, per position: student logits (n, V) -> (n,).
+
+    Probability losses compare the (k + 1)-bucket distributions (top-k tokens, then the rest), a lower bound
+    of the full divergence that equals it when the top-k carry all the teacher's mass. `mse`/`cosine` compare
+    raw logits on the teacher's top-k ids.
+    """
+    from .losses import _SCALED_BY_T2, token_divergence
+
+    ids = teacher_ids.long()
+    if loss_type in ("mse", "cosine"):
+        teacher_raw = temperature * (teacher_logprobs.float() + teacher_lse.float()[:, None])
+        return token_divergence(student_logits.float().gather(-1, ids), teacher_raw, loss_type=loss_type)
+    log_q, log_p = _bucket_log_probs(student_logits, ids, teacher_logprobs, temperature, tail)
+    value = token_divergence(log_q, log_p, loss_type=loss_type, temperature=1.0, beta=beta, skew=skew)
+    return value * temperature**2 if loss_type in _SCALED_BY_T2 else value
+
+
+@dataclass
+class CachedTeacher:
+    """A batch's cached teacher entries, one row per selected position (row-major, like the trainer's selection)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    lse: torch.Tensor
+
+    def __getitem__(self, part) -> "CachedTeacher":
+        return CachedTeacher(self.ids[part], self.logprobs[part], self.lse[part])
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+# ---- writing and reading -------------------------------------------------------------------------
+
+
+def _info(path: Path):
+    file = path / INFO_FILE
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def _check_same(existing: dict, wanted: dict, path: Path) -> None:
+    for key in ("teacher", "tokenizer", "dataset", "settings"):
+        if existing.get(key) != wanted.get(key):
+            raise ValueError(
+                f"The teacher cache in {path} was built for a different {key} ({existing.get(key)!r}, now "
+                f"{wanted.get(key)!r}). Caches never mix: use another cache folder for this run."
+            )
+
+
+@torch.no_grad()
+def build_cache(
+    teacher,
+    dataset,
+    tokenizer,
+    cache_dir: str | os.PathLike,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    distill_all_tokens: bool = False,
+    batch_size: int = 8,
+    shard_rows: int = 1024,
+    teacher_name: str | None = None,
+) -> Path:
+    """Run the teacher over a tokenized causal dataset and write its top-k per target token to `cache_dir`.
+
+    Resumable: finished shards are kept and skipped when run again with the same teacher, tokenizer, data
+    and settings; a different one is refused rather than mixed in.
+    """
+    import pyarrow as pa
+
+    from .data import causal_target_masks, default_collator
+    from .teacher import output_size
+
+    path = Path(cache_dir)
+    vocab = output_size(teacher)
+    settings = CacheSettings(temperature, top_k or default_top_k(vocab), distill_all_tokens)
+    info = {
+        "format": 1,
+        "teacher": teacher_fingerprint(teacher),
+        "teacher_name": teacher_name or getattr(teacher.config, "_name_or_path", ""),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "dataset": dataset_fingerprint(dataset),
+        "settings": settings.as_dict(),
+        "vocab_size": vocab,
+        "num_rows": len(dataset),
+        "shard_rows": shard_rows,
+        "bytes_per_token": bytes_per_token(vocab, settings.top_k),
+    }
+    existing = _info(path)
+    if existing is not None:
+        _check_same(existing, info, path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / INFO_FILE).write_text(json.dumps(info, indent=2))
+
+    id_type = pa.uint16() if vocab <= 65536 else pa.int32()
+    schema = pa.schema([
+        ("teacher_ids", pa.list_(id_type)),
+        ("teacher_logprobs", pa.list_(pa.float16())),
+        ("teacher_lse", pa.list_(pa.float32())),
+    ])
+    collator = default_collator("causal", tokenizer)
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
+    for shard, start in enumerate(range(0, len(dataset), shard_rows)):
+        shard_path = path / f"shard-{shard:05d}.arrow"
+        if shard_path.exists():
+            continue  # done in an earlier run
+        rows = {"teacher_ids": [], "teacher_logprobs": [], "teacher_lse": []}
+        stop = min(start + shard_rows, len(dataset))
+        for batch_start in range(start, stop, batch_size):
+            part = dataset.select(range(batch_start, min(batch_start + batch_size, stop)))
+            batch = collator([{c: row[c] for c in columns} for row in part])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            _, _, kd_mask = causal_target_masks(batch["labels"], batch.get("attention_mask"), distill_all_tokens)
+            logits = _selected_logits(teacher, batch, kd_mask)
+            ids, logprobs, lse = top_k_entries(logits, settings.top_k, temperature)
+            counts = kd_mask.sum(-1).tolist()
+            for chunk_ids, chunk_lp, chunk_lse in zip(ids.split(counts), logprobs.split(counts), lse.split(counts)):
+                rows["teacher_ids"].append(chunk_ids.flatten().cpu().numpy().astype(np.int64))
+                rows["teacher_logprobs"].append(chunk_lp.flatten().cpu().numpy().astype(np.float16))
+                rows["teacher_lse"].append(chunk_lse.cpu().numpy().astype(np.float32))
+        table = pa.table({
+            "teacher_ids": pa.array([r.tolist() for r in rows["teacher_ids"]], type=pa.list_(id_type)),
+            "teacher_logprobs": pa.array(rows["teacher_logprobs"], type=pa.list_(pa.float16())),
+            "teacher_lse": pa.array(rows["teacher_lse"], type=pa.list_(pa.float32())),
+        }, schema=schema)
+        partial = shard_path.with_suffix(".partial")
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_table(table)
+        partial.rename(shard_path)  # a shard exists only once complete
+        logger.info(f"teacher cache: rows {start}–{stop} of {len(dataset)} written to {shard_path.name}")
+    return path
+
+
+def _selected_logits(model, batch, mask):
+    """Logits at the masked positions only, without the full (B, T, V) tensor where the model allows it."""
+    import inspect
+
+    from .teacher import _unwrap
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    if "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters:
+        return model(**inputs, logits_to_keep=mask).logits
+    return model(**inputs).logits[mask]
+
+
+def load_cache(cache_dir: str | os.PathLike, dataset, tokenizer, settings: CacheSettings):
+    """The cache's rows as a memory-mapped `Dataset`, after checking it was built for this data and settings."""
+    from datasets import Dataset, concatenate_datasets
+
+    path = Path(cache_dir)
+    info = _info(path)
+    if info is None:
+        raise ValueError(f"{path} holds no teacher cache ({INFO_FILE} is missing); build one with `hf-distill cache-teacher`.")
+    wanted = {
+        "teacher": info["teacher"],  # the teacher need not be loaded to train from its cache
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "dataset": dataset_fingerprint(dataset),
+        "settings": {**settings.as_dict(), "top_k": info["settings"]["top_k"]},
+    }
+    _check_same(info, wanted, path)
+    shards = [path / f"shard-{i:05d}.arrow" for i in range(-(-info["num_rows"] // info["shard_rows"]))]
+    missing = [s.name for s in shards if not s.exists()]
+    if missing:
+        raise ValueError(f"The teacher cache in {path} is incomplete (missing {missing[:3]}...); run cache-teacher again to finish it.")
+    return concatenate_datasets([Dataset.from_file(str(s)) for s in shards]), info

@@ -1,0 +1,109 @@
+"""A recipe run end to end: prepare data, distill, train the no-teacher baseline, evaluate all, report, export."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+
+from transformers import AutoTokenizer
+from transformers.utils import logging
+
+from .config import DistillationConfig
+from .evaluation import evaluate_model
+from .recipe import RecipeArguments, build_student, model_columns, prepare_splits
+from .teacher import load_model
+from .trainer import DistillationTrainer
+
+logger = logging.get_logger(__name__)
+
+
+def load_tokenizer(recipe: RecipeArguments, config: DistillationConfig):
+    name = recipe.tokenizer_name_or_path or recipe.student_model_name_or_path or config.teacher_model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _train(student, teacher, config, splits, tokenizer, callbacks=None) -> DistillationTrainer:
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=model_columns(splits["train"]),
+        eval_dataset=model_columns(splits["eval"]),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.train()
+    trainer.save_model()
+    return trainer
+
+
+def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=None, tokenizer=None, callbacks=None):
+    """Distill (and, with `recipe.baseline`, train the alpha=0 baseline); evaluate; write report and model card.
+
+    Returns the report rows. Outputs: the student in `config.output_dir` (with README.md model card,
+    report.md/json, training_curves.png), the baseline in `output_dir/_baseline` (left out of Hub uploads).
+    """
+    from .report import comparison_table, write_report
+
+    if config.teacher_model_name_or_path is None and teacher is None:
+        raise ValueError("The recipe names no teacher: set teacher_model_name_or_path.")
+    tokenizer = tokenizer or load_tokenizer(recipe, config)
+    if teacher is None:
+        teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))
+    student = build_student(recipe, teacher)
+    splits, stats = prepare_splits(recipe, tokenizer, seed=config.seed)
+    initial_student = copy.deepcopy(student) if recipe.baseline else None
+
+    trainer = _train(student, teacher, config, splits, tokenizer, callbacks)
+    runs = {"distilled": (trainer.model, trainer)}
+    if recipe.baseline:
+        baseline_config = dataclasses.replace(
+            config, alpha=0.0, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
+            run_name=f"{config.run_name or 'run'}-baseline",
+        )
+        baseline = _train(initial_student, teacher, baseline_config, splits, tokenizer, callbacks)
+        runs["baseline (no teacher)"] = (baseline.model, baseline)
+
+    rows, samples = [], {}
+    row, samples["teacher"] = evaluate_model("teacher", teacher, splits["test"], tokenizer, recipe)
+    rows.append(row)
+    for name, (model, _) in runs.items():
+        row, samples[name] = evaluate_model(name, model, splits["test"], tokenizer, recipe, teacher=teacher)
+        rows.append(row)
+    table = comparison_table(rows)
+    histories = {name: run.state.log_history for name, (_, run) in runs.items()}
+    paths = write_report(rows, histories, config.output_dir, title=f"Distillation report: {recipe.task}")
+    with open(os.path.join(config.output_dir, "samples.json"), "w", encoding="utf-8") as handle:
+        json.dump({"samples": samples, "truncation": {k: dataclasses.asdict(v) for k, v in stats.items()}}, handle,
+                  indent=2, ensure_ascii=False)
+
+    trainer.evaluation_table = table
+    trainer.dataset_name = recipe.dataset_name or recipe.data_files
+    trainer.create_model_card()
+    if config.push_to_hub:
+        trainer.push_to_hub()
+    return rows, table, paths
+
+
+def evaluate_saved(recipe: RecipeArguments, models: dict[str, str], teacher_path: str | None, seed: int = 42):
+    """Compare saved models (name → path) on the recipe's test split; agreement is measured against the teacher."""
+    from .report import comparison_table
+
+    first = next(iter(models.values()))
+    tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer_name_or_path or first)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    splits, _ = prepare_splits(recipe, tokenizer, seed=seed)
+    teacher = load_model(teacher_path, kind=recipe.task) if teacher_path else None
+    rows = []
+    for name, path in models.items():
+        model = teacher if path == teacher_path else load_model(path, kind=recipe.task)
+        row, _ = evaluate_model(name, model, splits["test"], tokenizer, recipe,
+                                teacher=None if model is teacher else teacher)
+        rows.append(row)
+    return rows, comparison_table(rows)

@@ -1,0 +1,289 @@
+"""`RecipeArguments`: what a recipe trains on (models, data, columns, task format) beside `DistillationConfig`."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+
+from transformers.utils import logging
+
+from .teacher import CAUSAL, CLASSIFICATION, SEQ2SEQ, load_model
+
+logger = logging.get_logger(__name__)
+
+TASKS = (CAUSAL, SEQ2SEQ, CLASSIFICATION)
+
+
+@dataclass
+class RecipeArguments:
+    """Models, data and task format of a recipe. Every field can be overridden on the command line."""
+
+    task: str = field(
+        default=CAUSAL,
+        metadata={"help": "causal (prompt → response), seq2seq (source → target) or classification (text → label).",
+                  "choices": list(TASKS)},
+    )
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of the student (student_init=pretrained)."}
+    )
+    student_init: str = field(
+        default="pretrained",
+        metadata={"help": "pretrained: load student_model_name_or_path. from_teacher: copy the teacher and keep "
+                  "only student_layers of its layers (DistilBERT-style).", "choices": ["pretrained", "from_teacher"]},
+    )
+    student_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "With student_init=from_teacher: indices of the teacher layers to keep, e.g. 0 10 20 29. "
+                  "Default: every other layer."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use; defaults to the student's, else the teacher's."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A Hub dataset id, a folder written by save_to_disk, or a local data file "
+                  "(.json/.jsonl/.csv/.parquet)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    data_files: str | None = field(
+        default=None, metadata={"help": "Local json/jsonl/csv/parquet file(s) (a glob works); overrides dataset_name."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Split for evaluation during training; carved from train when absent."}
+    )
+    test_split: str | None = field(
+        default=None, metadata={"help": "Split for the final report; carved from train when absent."}
+    )
+    held_out_size: int = field(
+        default=200, metadata={"help": "Rows carved from train for each missing eval/test split (shuffled, seeded)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval/test rows."})
+    prompt_column: str = field(default="prompt", metadata={"help": "causal: the column with the prompt text."})
+    response_column: str = field(default="response", metadata={"help": "causal: the column with the answer text."})
+    source_column: str = field(default="source", metadata={"help": "seq2seq / translation: source text column."})
+    target_column: str = field(default="target", metadata={"help": "seq2seq / translation: target text column."})
+    text_column: str = field(default="text", metadata={"help": "classification / sentiment: the text column."})
+    label_column: str = field(default="label", metadata={"help": "classification / sentiment: the label column."})
+    translation_column: str | None = field(
+        default=None,
+        metadata={"help": "A column of {lang: text} dicts (as in Hub translation datasets); with source_lang and "
+                  "target_lang it gives source and target."},
+    )
+    source_lang: str = field(default="en", metadata={"help": "Source language key in translation_column."})
+    target_lang: str = field(default="es", metadata={"help": "Target language key in translation_column."})
+    prompt_template: str = field(
+        default="{source}",
+        metadata={"help": "Format string for the prompt (causal) or source (seq2seq), over the row's fields "
+                  "(source, text, ...), e.g. 'Translate English to Spanish: {source}'."},
+    )
+    label_words: list[str] | None = field(
+        default=None,
+        metadata={"help": "Causal sentiment: the answer word of each label id (e.g. negative positive). The model is "
+                  "scored by which word it finds most likely, with no free-form parsing."},
+    )
+    use_chat_template: bool = field(
+        default=True, metadata={"help": "Wrap causal prompts in the tokenizer's chat template when it has one."}
+    )
+    max_length: int = field(default=256, metadata={"help": "Maximum tokens of a training row (prompt + response)."})
+    max_target_length: int = field(default=128, metadata={"help": "seq2seq: maximum target tokens."})
+    min_response_tokens: int = field(
+        default=1, metadata={"help": "Rows whose response would keep fewer tokens after truncation are dropped (counted)."}
+    )
+    baseline: bool = field(
+        default=False,
+        metadata={"help": "Also train the same student for the same steps without a teacher (alpha=0) and compare."},
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Generation length for translation metrics."})
+    num_samples: int = field(default=5, metadata={"help": "Generated samples shown in the report."})
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}; choose one of {', '.join(TASKS)}.")
+        if self.student_init not in ("pretrained", "from_teacher"):
+            raise ValueError(f"student_init={self.student_init!r}; choose pretrained or from_teacher.")
+        if self.student_init == "pretrained" and not self.student_model_name_or_path:
+            raise ValueError("student_model_name_or_path is required with student_init=pretrained.")
+        if self.dataset_name is None and self.data_files is None:
+            raise ValueError("Give the data: dataset_name (Hub id, save_to_disk folder or file) or data_files.")
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _builder_for(path: str) -> str:
+    extension = os.path.splitext(path.replace("*", ""))[1].lower()
+    if extension not in _FILE_BUILDERS:
+        raise ValueError(f"Cannot read {path!r}: use a .json, .jsonl, .csv or .parquet file, or a save_to_disk folder.")
+    return _FILE_BUILDERS[extension]
+
+
+def load_raw_splits(recipe: RecipeArguments, seed: int = 42):
+    """A `DatasetDict` with train, eval and test splits; missing held-out splits are carved from train."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    source = recipe.data_files or recipe.dataset_name
+    if recipe.data_files or os.path.isfile(source):
+        splits = load_dataset(_builder_for(source), data_files=source)
+    elif os.path.isdir(source) and any(
+        os.path.exists(os.path.join(source, name)) for name in ("dataset_dict.json", "dataset_info.json")
+    ):
+        splits = load_from_disk(source)
+        splits = splits if isinstance(splits, DatasetDict) else DatasetDict({"train": splits})
+    else:
+        splits = load_dataset(source, recipe.dataset_config_name)
+    if recipe.train_split not in splits:
+        raise ValueError(f"The data has splits {list(splits)}, not train_split={recipe.train_split!r}.")
+    train = splits[recipe.train_split].shuffle(seed=seed)  # canonical orders (books, dates) must not leak
+    held = {}
+    for name, split in (("eval", recipe.eval_split), ("test", recipe.test_split)):
+        if split is not None:
+            if split not in splits:
+                raise ValueError(f"The data has splits {list(splits)}, not {name}_split={split!r}.")
+            held[name] = splits[split]
+        else:
+            if len(train) <= recipe.held_out_size:
+                raise ValueError(
+                    f"Only {len(train)} training rows: too few to carve a {name} split of {recipe.held_out_size}. "
+                    f"Give {name}_split or a smaller held_out_size."
+                )
+            held[name] = train.select(range(recipe.held_out_size))
+            train = train.select(range(recipe.held_out_size, len(train)))
+    if recipe.max_train_samples:
+        train = train.select(range(min(recipe.max_train_samples, len(train))))
+    if recipe.max_eval_samples:
+        held = {k: v.select(range(min(recipe.max_eval_samples, len(v)))) for k, v in held.items()}
+    return DatasetDict({"train": train, **held})
+
+
+def to_task_rows(dataset, recipe: RecipeArguments):
+    """Rename the user's columns into the task's fields: prompt/response, source/target or text/label."""
+    columns = dataset.column_names
+
+    def require(*names):
+        missing = [n for n in names if n not in columns]
+        if missing:
+            raise ValueError(
+                f"The data has columns {columns} but the recipe needs {missing}; set the matching *_column option "
+                "(prompt_column, response_column, source_column, target_column, text_column, label_column, "
+                "translation_column)."
+            )
+
+    def fields(row):
+        out = dict(row)
+        if recipe.translation_column:
+            pair = row[recipe.translation_column]
+            out["source"], out["target"] = pair[recipe.source_lang], pair[recipe.target_lang]
+        elif recipe.source_column in row:
+            out["source"] = row[recipe.source_column]
+            out["target"] = row.get(recipe.target_column)
+        if recipe.text_column in row:
+            out["text"] = row[recipe.text_column]
+        if recipe.label_column in row:
+            out["label"] = row[recipe.label_column]
+        return out
+
+    if recipe.translation_column:
+        require(recipe.translation_column)
+    elif recipe.task == SEQ2SEQ or (recipe.task == CAUSAL and not recipe.label_words and recipe.prompt_column not in columns):
+        require(recipe.source_column, recipe.target_column)
+    if recipe.task == CLASSIFICATION or recipe.label_words:
+        require(recipe.text_column, recipe.label_column)
+
+    def build(row):
+        values = fields(row)
+        if recipe.task == CLASSIFICATION:
+            return {"text": values["text"], "label": int(values["label"])}
+        if recipe.label_words:  # a causal LM that answers with a label word
+            label = int(values["label"])
+            return {"prompt": recipe.prompt_template.format(**values), "response": " " + recipe.label_words[label],
+                    "label": label}
+        if recipe.task == CAUSAL and recipe.prompt_column in columns:
+            return {"prompt": values[recipe.prompt_column], "response": values[recipe.response_column]}
+        prompt = recipe.prompt_template.format(**values)
+        if recipe.task == SEQ2SEQ:
+            return {"source": prompt, "target": values["target"]}
+        return {"prompt": prompt, "response": " " + values["target"]}
+
+    return dataset.map(build, remove_columns=columns)
+
+
+def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42):
+    """Tokenized train/eval/test splits (test keeps its raw text for scoring) and their truncation stats."""
+    from datasets import DatasetDict
+
+    from .tasks import tokenize_causal, tokenize_classification, tokenize_seq2seq
+
+    prepared, stats = {}, {}
+    for name, split in load_raw_splits(recipe, seed).items():
+        rows = to_task_rows(split, recipe)
+        if recipe.task == CAUSAL:
+            prepared[name], stats[name] = tokenize_causal(
+                rows, tokenizer, max_length=recipe.max_length, min_response_tokens=recipe.min_response_tokens,
+                use_chat_template=recipe.use_chat_template,
+            )
+        elif recipe.task == SEQ2SEQ:
+            prepared[name], stats[name] = tokenize_seq2seq(
+                rows, tokenizer, max_length=recipe.max_length, max_target_length=recipe.max_target_length
+            )
+        else:
+            prepared[name], stats[name] = tokenize_classification(rows, tokenizer, max_length=recipe.max_length)
+        logger.warning(stats[name].summary(name)) if stats[name].dropped else logger.info(stats[name].summary(name))
+    return DatasetDict(prepared), stats
+
+
+def model_columns(dataset):
+    """Only what the model and collator take: the raw text stays out of training batches."""
+    return dataset.select_columns([c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names])
+
+
+# ---- students ------------------------------------------------------------------------------------
+
+
+def _layer_list(model):
+    """The ModuleList holding a model's repeated blocks (decoder layers of a causal LM)."""
+    import torch.nn as nn
+
+    count = model.config.get_text_config().num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"Cannot find the {count} layers of {type(model).__name__} to cut a student from.")
+
+
+def student_from_teacher(teacher, layers: list[int] | None = None):
+    """A copy of the teacher keeping only `layers` (default: every other one, the last included)."""
+    student = copy.deepcopy(teacher)
+    blocks = _layer_list(student)
+    total = len(blocks)
+    if layers is None:
+        layers = sorted(set(list(range(0, total, 2)) + [total - 1]))
+    bad = [i for i in layers if not -total <= i < total]
+    if bad or not layers:
+        raise ValueError(f"student_layers={layers} must be indices of the teacher's {total} layers (0..{total - 1}).")
+    layers = [i % total for i in layers]
+    kept = [blocks[i] for i in layers]
+    blocks._modules.clear()
+    for new_index, block in enumerate(kept):
+        blocks.append(block)
+        for module in block.modules():  # attention caches are indexed by layer
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    config = student.config.get_text_config()
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    student.train()
+    return student
+
+
+def build_student(recipe: RecipeArguments, teacher):
+    if recipe.student_init == "from_teacher":
+        return student_from_teacher(teacher, recipe.student_layers)
+    return load_model(recipe.student_model_name_or_path)

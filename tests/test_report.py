@@ -1,0 +1,170 @@
+"""Report helpers: the comparison table, report files with training curves, and the model card."""
+
+import json
+
+import pytest
+import yaml
+
+from hf_distill.report import comparison_table, format_value, model_card, write_report
+
+
+ROWS = [
+    {"model": "teacher", "parameters": 1234567, "eval_loss": 2.312345, "perplexity": 10.0987, "accuracy": 0.91},
+    {"model": "distilled", "parameters": 45678, "eval_loss": 2.5, "accuracy": 0.8765432, "agreement": 0.83,
+     "latency_ms": 4.2},
+    {"parameters": 950, "model": "baseline (no teacher)", "eval_loss": None, "accuracy": 0.7},
+]
+
+
+def history(offset=0.0):
+    return [
+        {"loss": 3.0 + offset, "kd_loss": 2.0 + offset, "ce_loss": 4.0, "grad_norm": 1.0, "learning_rate": 1e-3,
+         "step": 5},
+        {"loss": 2.5 + offset, "kd_loss": 1.5 + offset, "ce_loss": 3.5, "learning_rate": 5e-4, "step": 10},
+        {"eval_loss": 2.7 + offset, "eval_kd_loss": 1.7, "eval_ce_loss": 3.7, "eval_runtime": 0.1, "step": 10},
+        {"train_runtime": 1.0, "train_loss": 2.75, "step": 10},
+    ]
+
+
+def parse_table(table):
+    lines = table.strip().splitlines()
+    split = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]  # noqa: E731
+    return split(lines[0]), [split(line) for line in lines[2:]], lines[1]
+
+
+def test_table_columns_in_first_seen_order_with_model_first():
+    header, body, rule = parse_table(comparison_table(ROWS))
+    assert header == ["model", "parameters", "eval_loss", "perplexity", "accuracy", "agreement", "latency_ms"]
+    assert rule.count("---") == len(header)
+    assert len(body) == 3 and all(len(row) == len(header) for row in body)
+    assert [row[0] for row in body] == ["teacher", "distilled", "baseline (no teacher)"]
+
+
+def test_table_formats_numbers_and_missing_values():
+    header, body, _ = parse_table(comparison_table(ROWS))
+    teacher, distilled, baseline = (dict(zip(header, row)) for row in body)
+    assert teacher["parameters"] == "1.23M"
+    assert distilled["parameters"] == "45.7K"
+    assert baseline["parameters"] == "950"
+    assert teacher["eval_loss"] == "2.312"
+    assert teacher["perplexity"] == "10.1"
+    assert distilled["accuracy"] == "0.8765"
+    assert distilled["latency_ms"] == "4.2"
+    assert teacher["agreement"] == "–"  # key absent
+    assert baseline["eval_loss"] == "–"  # value None
+    assert baseline["perplexity"] == "–"
+
+
+def test_format_value():
+    assert format_value("parameters", 7_241_732_096) == "7.24B"
+    assert format_value("eval_loss", float("nan")) == "–"
+    assert format_value("eval_loss", 123456.7) == "123457"
+    assert format_value("model", "a|b") == "a\\|b"
+
+
+def test_table_needs_rows():
+    with pytest.raises(ValueError):
+        comparison_table([])
+
+
+def test_write_report(tmp_path):
+    histories = {"distilled": history(), "baseline (no teacher)": history(offset=0.5)}
+    paths = write_report(ROWS, histories, tmp_path / "out", title="My report")
+    assert set(paths) == {"markdown", "json", "curves"}
+    for path in paths.values():
+        assert path.is_file() and path.parent == tmp_path / "out"
+    assert {path.name for path in paths.values()} == {"report.md", "report.json", "training_curves.png"}
+
+    png = paths["curves"].read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+    markdown = paths["markdown"].read_text(encoding="utf-8")
+    assert markdown.startswith("# My report")
+    assert comparison_table(ROWS) in markdown
+    assert "training_curves.png" in markdown
+
+    data = json.loads(paths["json"].read_text(encoding="utf-8"))
+    assert data["rows"] == ROWS
+    assert data["histories"] == histories
+
+
+def test_write_report_without_curves(tmp_path):
+    paths = write_report(ROWS[:1], {"run": [{"train_runtime": 1.0, "step": 0}]}, tmp_path)
+    assert paths["curves"].read_bytes().startswith(b"\x89PNG")
+
+
+INFO = {
+    "teacher": "Qwen/Qwen3-1.7B",
+    "student": "Qwen/Qwen3-0.6B",
+    "task": "causal",
+    "dataset": "my-org/bible-en-es",
+    "loss_type": "forward_kl",
+    "temperature": 2.0,
+    "alpha": 0.7,
+    "beta": 0.5,
+    "skew": 0.1,
+    "max_steps": 500,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 4,
+    "learning_rate": 5e-5,
+    "repo_id": "me/qwen3-0.6b-distilled",
+    "license": "apache-2.0",
+}
+
+
+def front_matter(card):
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_model_card():
+    table = comparison_table(ROWS)
+    card = model_card(INFO, table)
+    meta = front_matter(card)
+    assert meta["library_name"] == "transformers"
+    assert meta["tags"] == ["hf-distill", "knowledge-distillation"]
+    assert meta["base_model"] == "Qwen/Qwen3-0.6B"
+    assert meta["datasets"] == ["my-org/bible-en-es"]
+    assert meta["license"] == "apache-2.0"
+    assert meta["pipeline_tag"] == "text-generation"
+    assert "Qwen/Qwen3-1.7B" in card
+    assert "0.7" in card and "Alpha" in card
+    assert "forward_kl" in card and "500" in card and "5e-05" in card
+    assert "Beta" not in card and "Skew" not in card  # neither matters for forward KL
+    assert table in card
+    assert 'pipeline("text-generation", model="me/qwen3-0.6b-distilled")' in card
+
+
+@pytest.mark.parametrize(
+    "task, pipeline_task", [("causal", "text-generation"), ("seq2seq", "text2text-generation"),
+                            ("classification", "text-classification")]
+)
+def test_model_card_pipeline_task(task, pipeline_task):
+    card = model_card({**INFO, "task": task}, None)
+    assert f'pipeline("{pipeline_task}"' in card
+    assert front_matter(card)["pipeline_tag"] == pipeline_task
+    assert "## Evaluation" not in card
+
+
+def test_model_card_loss_specific_settings():
+    assert "Beta (JSD mixture):** 0.5" in model_card({**INFO, "loss_type": "jsd"})
+    assert "Skew:** 0.1" in model_card({**INFO, "loss_type": "skew_reverse_kl"})
+
+
+def test_model_card_with_few_keys():
+    card = model_card({"teacher": "t", "student": "./runs/student", "steps": 3, "license": None}, None)
+    meta = front_matter(card)
+    assert meta == {"library_name": "transformers", "tags": ["hf-distill", "knowledge-distillation"]}
+    assert "`t`" in card and "Training steps:** 3" in card
+    assert 'pipeline(model="path/to/this/model")' in card
+    # Trainer's max_steps is -1 when it trains by epochs: the steps actually run are shown instead.
+    assert "Training steps:** 120" in model_card({"max_steps": -1, "steps": 120})
+
+
+def test_model_card_keeps_local_names_out_of_front_matter():
+    # A scratch student is named by its class, local data by file: neither is a Hub id.
+    card = model_card({"student": "LlamaForCausalLM", "dataset": {"train": "data/train.jsonl"}, "task": "causal"})
+    meta = front_matter(card)
+    assert "base_model" not in meta and "datasets" not in meta
+    assert "`data/train.jsonl`" in card and "`LlamaForCausalLM`" in card
+    assert front_matter(model_card({"student": "gpt2", "dataset": ["wmt16", "data.csv"]}))["datasets"] == ["wmt16"]
