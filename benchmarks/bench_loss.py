@@ -279,6 +279,26 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-30)
 
 
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(CPU-seconds busy on the whole machine, CPU-seconds of this process and its children, wall seconds)."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+    except OSError:
+        return None
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # everything but idle and iowait (guest is inside user)
+    t = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system, time.time()
+
+
+def others_share(before, after) -> float:
+    """Fraction of the machine's CPU capacity used by other processes between two snapshots."""
+    if before is None or after is None or after[2] <= before[2]:
+        return math.nan
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others) / ((after[2] - before[2]) * (os.cpu_count() or 1))
+
+
 def reps_for(vocab: int, bt: int, args) -> int:
     return args.reps_large if vocab * bt >= LARGE_ELEMENTS else args.reps_small
 
@@ -293,7 +313,7 @@ def main() -> int:
     parser.add_argument("--reps-large", type=int, default=3, help="measured steps per variant, BT·V >= 1e8")
     parser.add_argument("--sweep-v", type=int, default=151936, help="vocabulary of the chunk-size sweep")
     parser.add_argument("--sweep-bt", type=int, default=None,
-                        help="positions of the chunk-size sweep (default: 4096 on CUDA, 1024 on CPU)")
+                        help="positions of the chunk-size sweep (default: 4096 on CUDA, 512 on CPU)")
     parser.add_argument("--sweep-sizes", type=str, default=",".join(map(str, SWEEP_SIZES)))
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -310,7 +330,7 @@ def main() -> int:
     grid_v, grid_bt = GRID_V, GRID_BT
     sweep_sizes = tuple(int(s) for s in args.sweep_sizes.split(",") if s)
     sweep_v = args.sweep_v
-    sweep_bt = args.sweep_bt or (4096 if args.device == "cuda" else 1024)
+    sweep_bt = args.sweep_bt or (4096 if args.device == "cuda" else 512)
     if args.quick:
         hidden, grid_v, grid_bt = 64, (1000, 5000), (32, 128)
         sweep_sizes, sweep_v, sweep_bt = (8, 16, 32, 64), 5000, 128
@@ -325,6 +345,7 @@ def main() -> int:
     print("Step = forward + backward w.r.t. student hidden states and student head weight.")
     print("Targets: " + "; ".join(TARGETS))
     print()
+    run_snapshot = cpu_snapshot()
 
     # Numerical cross-check in the quick run: chunked must equal naive.
     if args.quick:
@@ -345,25 +366,30 @@ def main() -> int:
             chunk = default_chunk_size(vocab)
             job = {"device": args.device, "V": vocab, "BT": bt, "hidden": hidden,
                    "reps": reps_for(vocab, bt, args), "variants": ["naive", f"chunked@{chunk}"]}
-            t0 = time.perf_counter()
+            t0, snap = time.perf_counter(), cpu_snapshot()
             records, error = run_job_isolated(job, in_process=args.quick)
+            share = others_share(snap, cpu_snapshot())
             mem_method = mem_method or next((r["mem_method"] for r in records if r.get("kind") == "meta"), None)
             naive, chunked = summarize(records, "naive"), summarize(records, f"chunked@{chunk}")
             rows.append((vocab, bt, chunk, naive, chunked, error, time.perf_counter() - t0))
             print(f"  measured V={vocab} BT={bt} (chunk {chunk}, {job['reps']} reps) in "
-                  f"{time.perf_counter() - t0:.0f} s" + (f" -- ERROR {error}" if error else ""), flush=True)
+                  f"{time.perf_counter() - t0:.0f} s; other processes used {fmt(share * 100, '.0f')}% of the CPU"
+                  + (f" -- ERROR {error}" if error else ""), flush=True)
 
     sweep = None
     if not args.no_sweep:
         reps = reps_for(sweep_v, sweep_bt, args)
-        variants = ["naive"] + [f"chunked@{s}" for s in sweep_sizes]
+        skipped = [s for s in sweep_sizes if s > sweep_bt]  # same single chunk as chunk == BT
+        variants = ["naive"] + [f"chunked@{s}" for s in sweep_sizes if s <= sweep_bt]
         job = {"device": args.device, "V": sweep_v, "BT": sweep_bt, "hidden": hidden, "reps": reps,
                "variants": variants}
-        t0 = time.perf_counter()
+        t0, snap = time.perf_counter(), cpu_snapshot()
         records, error = run_job_isolated(job, in_process=args.quick)
-        sweep = (job, {v: summarize(records, v) for v in variants}, error)
+        share = others_share(snap, cpu_snapshot())
+        sweep = (job, {v: summarize(records, v) for v in variants}, error, skipped)
         print(f"  measured chunk-size sweep V={sweep_v} BT={sweep_bt} ({reps} reps) in "
-              f"{time.perf_counter() - t0:.0f} s" + (f" -- ERROR {error}" if error else ""), flush=True)
+              f"{time.perf_counter() - t0:.0f} s; other processes used {fmt(share * 100, '.0f')}% of the CPU"
+              + (f" -- ERROR {error}" if error else ""), flush=True)
 
     print()
     print(f"Peak memory method: {mem_method}; includes the gradients the step produces.")
@@ -394,7 +420,7 @@ def main() -> int:
               f"check {check}" + (f"; ERROR {error}" if error else ""))
 
     if sweep is not None:
-        job, results, error = sweep
+        job, results, error, skipped = sweep
         base = results["naive"]
         print()
         print(f"Chunk-size sweep at V={job['V']}, BT={job['BT']} ({job['reps']} reps, all variants alternating in one "
@@ -405,16 +431,20 @@ def main() -> int:
         for variant, res in results.items():
             label = "naive" if variant == "naive" else variant.split("@")[1]
             if variant != "naive" and int(label) >= job["BT"]:
-                label += "*"
+                label += "*"  # a single chunk
             cells = (label, fmt(res["ms"], ".1f"), fmt(res["ms"] / base["ms"], ".3f"), fmt(res["mib"], ".1f"),
                      fmt(res["mib"] / base["mib"], ".3f"))
             print("  ".join(c.rjust(w) for c, w in zip(cells, swidths)))
         if any(int(v.split("@")[1]) >= job["BT"] for v in results if v != "naive"):
             print("  (* chunk >= BT: a single chunk)")
+        if skipped:
+            print(f"  (chunk sizes {skipped} skipped: larger than BT, identical to a single chunk)")
 
     print()
-    print("Targets:")
+    print("Targets:" + (" (quick run: tiny shapes, not the targets' configurations; not evaluated)" if args.quick else ""))
     for vocab, bt, chunk, naive, chunked, error, _ in rows:
+        if args.quick:
+            break
         t_ratio, m_ratio = chunked["ms"] / naive["ms"], chunked["mib"] / naive["mib"]
         if vocab == 151936 and bt == 4096:
             ok_m, ok_t = m_ratio <= 0.2, t_ratio <= 1.0
@@ -422,7 +452,10 @@ def main() -> int:
                   f"time ratio {fmt(t_ratio, '.3f')} <= 1.0 {'PASS' if ok_t else 'FAIL'}")
         elif bt == min(grid_bt):
             print(f"  V={vocab} BT={bt}: time ratio {fmt(t_ratio, '.3f')} <= 1.0 {'PASS' if t_ratio <= 1.0 else 'FAIL'}")
-    print(f"\nTotal benchmark wall time: {time.perf_counter() - started:.0f} s")
+    share = others_share(run_snapshot, cpu_snapshot())
+    print(f"\nOther processes used {fmt(share * 100, '.0f')}% of the machine's CPU during the run"
+          + (" -- timings are contaminated by background load" if share > 0.05 else ""))
+    print(f"Total benchmark wall time: {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -103,10 +103,15 @@ def top_k_entries(teacher_logits: torch.Tensor, k: int, temperature: float):
     return ids, values - lse[:, None], lse
 
 
+# Smallest tail mass kept for the teacher: float16 log-probs can round the top-k to a total of 1 or more,
+# which would leave no mass outside them and make reverse-KL-type losses infinite.
+MIN_TAIL_MASS = 1e-6
+
+
 def tail_log_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """log(1 − Σ exp(topk_logprobs)), −inf where the top-k hold all the mass (to float precision)."""
+    """log(1 − Σ exp(topk_logprobs)), floored at log(MIN_TAIL_MASS)."""
     covered = torch.logsumexp(topk_logprobs.float(), dim=-1).clamp(max=0.0)
-    return torch.log(-torch.expm1(covered))
+    return torch.log((-torch.expm1(covered)).clamp(min=MIN_TAIL_MASS))
 
 
 def _bucket_log_probs(student_logits, ids, teacher_logprobs, temperature, tail: str):
@@ -114,7 +119,7 @@ def _bucket_log_probs(student_logits, ids, teacher_logprobs, temperature, tail: 
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_q_top = log_q.gather(-1, ids)
     log_p_top = teacher_logprobs.float()
-    if tail == "renormalize":
+    if tail == "renormalize" or ids.shape[-1] == student_logits.shape[-1]:  # or no token is left outside
         return F.log_softmax(log_q_top, -1), F.log_softmax(log_p_top, -1)
     log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
     log_p_tail = tail_log_mass(log_p_top)[:, None]

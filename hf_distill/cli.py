@@ -2,6 +2,7 @@
 
     hf-distill train recipes/translation.yaml --max_steps 200 --alpha 0.7
     hf-distill eval recipes/translation.yaml --model student=runs/translation --model teacher=Helsinki-NLP/opus-mt-en-es
+    hf-distill cache-teacher recipes/translation_causal.yaml --cache_dir cache/  # then train with --teacher_cache cache/
     hf-distill demo
     accelerate launch -m hf_distill.cli train recipes/translation.yaml    # multi-GPU
 
@@ -42,6 +43,11 @@ def parse_recipe(config_path: str | None, overrides: list[str]) -> tuple[RecipeA
     return recipe, config
 
 
+# eval and cache-teacher use a recipe's data, task and teacher settings only: a GPU-only training setting
+# (bf16 on a CPU machine) must not stop them. Models run in the dtype they are loaded with.
+_NO_MIXED_PRECISION = ["--bf16", "false", "--fp16", "false"]
+
+
 def _models_option(values: list[str]) -> dict[str, str]:
     models = {}
     for value in values:
@@ -61,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--model", action="append", required=True, help="NAME=PATH (repeat to compare).")
     evaluate.add_argument("--teacher", help="Teacher path, for teacher–student agreement.")
     evaluate.add_argument("--output", help="Write the rows as JSON here.")
+    cache = commands.add_parser("cache-teacher", help="Run the teacher once over a recipe's training data and store its top-k.")
+    cache.add_argument("recipe", help="YAML recipe (causal task) naming the teacher and data.")
+    cache.add_argument("--cache_dir", required=True, help="Folder for the cache (resumed if it holds a partial one).")
+    cache.add_argument("--top_k", type=int, default=None, help="Entries per token; default: the most that fit 256 bytes.")
+    cache.add_argument("--batch_size", type=int, default=8)
     demo = commands.add_parser("demo", help="Offline demo: train a teacher, distill, compare with the baseline.")
     demo.add_argument("--output_dir", default="demo_output")
     demo.add_argument("--quick", action="store_true", help="Tiny settings (seconds): a smoke test, not a result.")
@@ -79,12 +90,19 @@ def main(argv: list[str] | None = None) -> int:
 
         from .pipeline import evaluate_saved
 
-        recipe, config = parse_recipe(args.recipe, rest)
+        recipe, config = parse_recipe(args.recipe, [*rest, *_NO_MIXED_PRECISION])
         rows, table = evaluate_saved(recipe, _models_option(args.model), args.teacher, seed=config.seed)
         print(table)
         if args.output:
             with open(args.output, "w", encoding="utf-8") as handle:
                 json.dump(rows, handle, indent=2)
+        return 0
+    if args.command == "cache-teacher":
+        from .pipeline import cache_recipe_teacher
+
+        recipe, config = parse_recipe(args.recipe, [*rest, *_NO_MIXED_PRECISION])
+        path = cache_recipe_teacher(recipe, config, args.cache_dir, top_k=args.top_k, batch_size=args.batch_size)
+        print(f"teacher cache written to {path}; train from it with --teacher_cache {path}")
         return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -86,15 +86,15 @@ def _train_teacher(teacher, tokenizer, train, output_dir: str, sizes: DemoSizes,
 
 
 def run_demo(output_dir: str = "demo_output", quick: bool = False, seed: int = 0) -> list[dict]:
-    """Run the demo into `output_dir` (refusing to overwrite a previous run's report); return the table rows."""
+    """Run the demo into `output_dir` (which must be new or empty); return the table rows."""
     from .pipeline import train_recipe
     from .recipe import load_raw_splits, prepare_splits
     from .scratch import small_llama, train_bpe_tokenizer
 
     sizes = QUICK if quick else DemoSizes()
     out = Path(output_dir)
-    if (out / "report.md").exists():
-        raise FileExistsError(f"{out} already holds a demo report; pass another --output_dir or remove it first.")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; pass another --output_dir or remove it first (nothing was changed).")
     start = time.time()
     recipe = demo_recipe(str(DATA), sizes)
 

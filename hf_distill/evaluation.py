@@ -17,11 +17,20 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in _unwrap(model).parameters())
 
 
-def _batches(dataset, collator, batch_size):
+def _device(model) -> torch.device:
+    return next(_unwrap(model).parameters()).device
+
+
+def _batches(dataset, collator, batch_size, device):
     columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
     for start in range(0, len(dataset), batch_size):
         rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
-        yield collator([{c: row[c] for c in columns} for row in rows])
+        yield {k: v.to(device) for k, v in collator([{c: row[c] for c in columns} for row in rows]).items()}
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _model_inputs(model, batch):
@@ -48,11 +57,16 @@ def loss_and_agreement(model, test, tokenizer, teacher=None, batch_size: int = 8
     model.eval()
     total_ce = total_tokens = agree = 0.0
     seconds = 0.0
-    model(**_model_inputs(model, next(_batches(test, collator, batch_size))))  # warm-up, so latency is steady state
-    for batch in _batches(test, collator, batch_size):
+    device = _device(model)
+    if teacher is not None:
+        teacher.to(device)
+    model(**_model_inputs(model, next(_batches(test, collator, batch_size, device))))  # warm-up: steady-state latency
+    for batch in _batches(test, collator, batch_size, device):
         inputs = _model_inputs(model, batch)
+        _synchronize(device)
         start = time.perf_counter()
         logits = model(**inputs).logits
+        _synchronize(device)
         seconds += time.perf_counter() - start
         student, targets = _aligned(kind, logits, batch["labels"])
         total_ce += cross_entropy_per_position(student, targets).sum().item()
@@ -74,7 +88,7 @@ def loss_and_agreement(model, test, tokenizer, teacher=None, batch_size: int = 8
 def classify(model, test, tokenizer, batch_size: int = 16) -> list[int]:
     collator = default_collator(CLASSIFICATION, tokenizer)
     predictions = []
-    for batch in _batches(test, collator, batch_size):
+    for batch in _batches(test, collator, batch_size, _device(model)):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         predictions += model(**inputs).logits.argmax(-1).tolist()
     return predictions
@@ -92,8 +106,8 @@ def score_label_words(model, test, tokenizer, label_words: list[str], use_chat_t
         sequences = [prompt + word for word in words]
         length = max(len(s) for s in sequences)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        input_ids = torch.tensor([s + [pad] * (length - len(s)) for s in sequences])
-        attention = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences])
+        input_ids = torch.tensor([s + [pad] * (length - len(s)) for s in sequences], device=_device(model))
+        attention = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences], device=_device(model))
         log_probs = F.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), -1)
         scores = []
         for index, word in enumerate(words):
@@ -122,7 +136,7 @@ def generate(model, test, tokenizer, max_new_tokens: int, use_chat_template: boo
             encoded = tokenizer([row["source"] for row in rows], return_tensors="pt", padding=True)
             input_ids, attention = encoded["input_ids"], encoded["attention_mask"]
         generated = model.generate(
-            input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+            input_ids=input_ids.to(_device(model)), attention_mask=attention.to(_device(model)), max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
         )
         if kind == CAUSAL:

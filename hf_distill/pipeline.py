@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 
+import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
@@ -20,7 +21,8 @@ logger = logging.get_logger(__name__)
 
 
 def load_tokenizer(recipe: RecipeArguments, config: DistillationConfig):
-    name = recipe.tokenizer_name_or_path or recipe.student_model_name_or_path or config.teacher_model_name_or_path
+    student = recipe.student_model_name_or_path if recipe.student_init == "pretrained" else None
+    name = recipe.tokenizer_name_or_path or student or config.teacher_model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -51,7 +53,7 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     from .report import comparison_table, write_report
 
     if config.teacher_model_name_or_path is None and teacher is None:
-        raise ValueError("The recipe names no teacher: set teacher_model_name_or_path.")
+        raise ValueError("The recipe names no teacher: set teacher_model_name_or_path (used for evaluation too).")
     tokenizer = tokenizer or load_tokenizer(recipe, config)
     if teacher is None:
         teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))
@@ -59,7 +61,8 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     splits, stats = prepare_splits(recipe, tokenizer, seed=config.seed)
     initial_student = copy.deepcopy(student) if recipe.baseline else None
 
-    trainer = _train(student, teacher, config, splits, tokenizer, callbacks)
+    # Pushed once, at the end, with the model card and evaluation table (not at every save).
+    trainer = _train(student, teacher, dataclasses.replace(config, push_to_hub=False), splits, tokenizer, callbacks)
     runs = {"distilled": (trainer.model, trainer)}
     if recipe.baseline:
         baseline_config = dataclasses.replace(
@@ -86,7 +89,7 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     trainer.dataset_name = recipe.dataset_name or recipe.data_files
     trainer.create_model_card()
     if config.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub(commit_message=f"hf-distill: {recipe.task} student distilled from {trainer.teacher_name}")
     return rows, table, paths
 
 
@@ -99,11 +102,26 @@ def evaluate_saved(recipe: RecipeArguments, models: dict[str, str], teacher_path
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     splits, _ = prepare_splits(recipe, tokenizer, seed=seed)
-    teacher = load_model(teacher_path, kind=recipe.task) if teacher_path else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher = load_model(teacher_path, kind=recipe.task).to(device) if teacher_path else None
     rows = []
     for name, path in models.items():
-        model = teacher if path == teacher_path else load_model(path, kind=recipe.task)
+        model = teacher if path == teacher_path else load_model(path, kind=recipe.task).to(device)
         row, _ = evaluate_model(name, model, splits["test"], tokenizer, recipe,
                                 teacher=None if model is teacher else teacher)
         rows.append(row)
     return rows, comparison_table(rows)
+
+
+def cache_recipe_teacher(recipe: RecipeArguments, config: DistillationConfig, cache_dir: str, top_k=None, batch_size=8):
+    """Build the offline teacher cache for a recipe's training split (the rows `train_recipe` trains on)."""
+    from .cache import build_cache
+
+    tokenizer = load_tokenizer(recipe, config)
+    teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))
+    splits, _ = prepare_splits(recipe, tokenizer, seed=config.seed)
+    return build_cache(
+        teacher, model_columns(splits["train"]), tokenizer, cache_dir, temperature=config.temperature, top_k=top_k,
+        distill_all_tokens=config.distill_all_tokens, batch_size=batch_size,
+        teacher_name=config.teacher_model_name_or_path,
+    )

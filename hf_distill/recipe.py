@@ -257,6 +257,11 @@ def _layer_list(model):
 
 def student_from_teacher(teacher, layers: list[int] | None = None):
     """A copy of the teacher keeping only `layers` (default: every other one, the last included)."""
+    if getattr(teacher.config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"student_init=from_teacher cuts the layer stack of a causal LM or an encoder classifier; "
+            f"{type(teacher).__name__} has two stacks. Give a smaller seq2seq student with student_model_name_or_path."
+        )
     student = copy.deepcopy(teacher)
     blocks = _layer_list(student)
     total = len(blocks)
@@ -286,4 +291,8 @@ def student_from_teacher(teacher, layers: list[int] | None = None):
 def build_student(recipe: RecipeArguments, teacher):
     if recipe.student_init == "from_teacher":
         return student_from_teacher(teacher, recipe.student_layers)
-    return load_model(recipe.student_model_name_or_path)
+    kwargs = {}
+    if recipe.task == CLASSIFICATION:  # a base checkpoint gets the teacher's label set on its new head
+        config = teacher.config
+        kwargs = {"num_labels": config.num_labels, "id2label": config.id2label, "label2id": config.label2id}
+    return load_model(recipe.student_model_name_or_path, kind=recipe.task, **kwargs)

