@@ -15,19 +15,19 @@ from the end of the file and are never trained on or used for the training cache
 
 1. Bytes per token: `hf_distill.cache.build_cache` at the default k (`default_top_k`) over the training
    rows; all files of the cache folder divided by the number of cached (target) tokens.
-2. Reconstruction quality vs k on the held-out tokens, in nats/token:
-   (a) KL(p_full ‖ p_rec), p_rec = the stored top-k probabilities (float16-rounded as in the cache) with the
-       remaining mass spread uniformly over the other V − k tokens;
-   (b) |cached_token_divergence(student, top-k) − token_divergence(student, teacher)| per token (forward_kl,
-       T = 1) for the 6-layer student as cut (before training); the signed mean is printed too.
-   At the default k, (b) is also computed from a held-out cache actually written by `build_cache` and read
-   back from disk (it must match the in-memory top-k).
-3+4. Training from the cache (A: `teacher_cache=...`, no teacher loaded in the step) vs online (B: the real
+2. Speed: training from the cache (A: `teacher_cache=...`, no teacher in the step) vs online (B: the real
    teacher run every step): two DistillationTrainer.train() runs on the same student init, data order
    (sequential sampler), seed and settings (forward_kl, alpha 0.5, T 1, lr 1e-4), driven step by step in
-   turn (A, B, A, B, ...; each in its own thread, only one runs at a time). Step time = wall time of a step
-   inside train() between consecutive `on_step_end` callbacks; medians after `--warmup` steps. Then the
-   final training kd_loss (mean of the last 5 logged steps) and the held-out CE of both students.
+   turn (A, B, A, B, ...; each in its own thread, only one running at a time). Step time = wall time
+   between consecutive `on_step_end` callbacks inside train(); medians after `--warmup` steps.
+3. Outcome of those two runs: kd_loss (first step, mean of the last 5) and held-out CE of both students.
+4. Reconstruction quality vs k on the held-out tokens, in nats/token:
+   (a) KL(p_full ‖ p_rec), p_rec = the stored top-k probabilities (float16-rounded as in the cache) with the
+       remaining mass spread uniformly over the other V − k tokens;
+   (b) cached_token_divergence(student, top-k) − token_divergence(student, teacher) per token (forward_kl,
+       T = 1), mean of its absolute value and signed mean, for the 6-layer student as cut (the target's
+       student) and for the same student after the online run of 3.
+   The default k is also measured from a held-out cache written by `build_cache` and read back from disk.
 """
 
 from __future__ import annotations
@@ -280,54 +280,17 @@ def main() -> None:
               f"{on_disk / n_train_targets:.1f} bytes/token (layout {bytes_per_token(vocab, k_default)} B/token of "
               f"entries); built in {build_s:.1f} s ({n_train_targets / build_s:.0f} tokens/s)", flush=True)
 
-        # ---- 2. reconstruction quality vs k -----------------------------------------------------------------
-        student0 = student_from_teacher(teacher, layers).eval()
-        t_logits = logits_at_targets(teacher, heldout_ds, batch_size)
-        s_logits = logits_at_targets(student0, heldout_ds, batch_size)
-        online = token_divergence(s_logits, t_logits, loss_type="forward_kl", temperature=1.0)
-        teacher_ce = heldout_ce(teacher, heldout_ds, batch_size)
-        student0_ce = heldout_ce(student0, heldout_ds, batch_size)
-        rows = []
-        stored = {}
-        for k in ks:
-            ids, logprobs, lse = top_k_entries(t_logits, k, 1.0)
-            logprobs16 = logprobs.half().float()  # the cache stores float16 log-probs
-            stored[k] = (ids, logprobs16, lse)
-            kl = reconstruction_kl(t_logits, ids, logprobs16)
-            cached = cached_token_divergence(s_logits, ids, logprobs16, lse, loss_type="forward_kl", temperature=1.0)
-            diff = cached - online
-            tail_mass = (-torch.expm1(torch.logsumexp(logprobs16, -1).clamp(max=0))).mean()
-            rows.append((k, bytes_per_token(vocab, k), float(kl.mean()), float(diff.abs().mean()), float(diff.mean()),
-                         float(tail_mass)))
-        # the default k once more, from a cache written to disk and read back
-        held_dir = Path(tmp) / "heldout_cache"
-        build_cache(teacher, heldout_ds, tokenizer, held_dir, batch_size=batch_size)
-        disk, _ = load_cache(held_dir, heldout_ds, tokenizer, CacheSettings(1.0, 0, False))
-        disk = disk.with_format("torch")
-        d_ids = torch.cat([r.long() for r in disk["teacher_ids"]]).view(-1, k_default)
-        d_lp = torch.cat([r.float() for r in disk["teacher_logprobs"]]).view(-1, k_default)
-        d_lse = torch.cat([r.float() for r in disk["teacher_lse"]])
-        ids_match = float((d_ids == stored[k_default][0]).float().mean())
-        disk_diff = cached_token_divergence(s_logits, d_ids, d_lp, d_lse, loss_type="forward_kl", temperature=1.0) - online
-        disk_kl = reconstruction_kl(t_logits, d_ids, d_lp)
-
+        # ---- references on the held-out rows: teacher and the cut student before training ------------------
         label = "RANDOM" if args.quick else "REAL"
-        print(f"\n[2] {label} teacher, {label} cut student (untrained), {n_held_targets} held-out tokens; "
-              f"online forward KL(teacher‖student) = {float(online.mean()):.4f} nats/token")
-        print(f"{'k':>5} {'B/token':>8} {'tail mass':>10} {'(a) KL(p‖p_rec)':>16} {'(b) |cached−online|':>20} "
-              f"{'(b) signed':>11}")
-        for k, bpt, kl, absdiff, signed, tail in rows:
-            mark = "  <- default k" if k == k_default else ""
-            print(f"{k:>5} {bpt:>8} {tail:10.4f} {kl:16.5f} {absdiff:20.5f} {signed:11.5f}{mark}")
-        print(f"{'disk':>5} {bytes_per_token(vocab, k_default):>8} {'':>10} {float(disk_kl.mean()):16.5f} "
-              f"{float(disk_diff.abs().mean()):20.5f} {float(disk_diff.mean()):11.5f}  <- default k, written by "
-              f"build_cache and read back (top-k ids equal to in-memory: {ids_match:.4f})")
-        default_abs = float(disk_diff.abs().mean())
-        print(f"target: (b) at default k <= {TARGET_NATS} nats/token -> {default_abs:.5f} "
-              f"({'MET' if default_abs <= TARGET_NATS else 'NOT MET'})", flush=True)
-        del t_logits, s_logits, online, stored
+        targets = torch.tensor(heldout_ds["labels"])[:, 1:].reshape(-1)
+        t_logits = logits_at_targets(teacher, heldout_ds, batch_size)
+        student0 = student_from_teacher(teacher, layers).eval()
+        s0_logits = logits_at_targets(student0, heldout_ds, batch_size)
+        del student0
+        teacher_ce = float(torch.nn.functional.cross_entropy(t_logits, targets))
+        student0_ce = float(torch.nn.functional.cross_entropy(s0_logits, targets))
 
-        # ---- 3 + 4. training from the cache vs online -------------------------------------------------------
+        # ---- 2 + 3. training from the cache vs online --------------------------------------------------------
         def config(name, **extra):
             return DistillationConfig(
                 output_dir=str(Path(tmp) / name),
@@ -362,39 +325,90 @@ def main() -> None:
             trainer.remove_callback(PrinterCallback)
             return trainer
 
-        print(f"\n[3+4] training {args.train_steps} steps each, cache (A) and online (B) in turn ...", flush=True)
+        print(f"training {args.train_steps} steps each, from the cache (A) and online (B), in turn ...", flush=True)
         trainers, record = train_pair(cached_trainer, online_trainer, args.warmup)
         a_step = statistics.median(record["A"]["times"][args.warmup:])
         b_step = statistics.median(record["B"]["times"][args.warmup:])
         per_step = batch_size * (seq - 1)
         ratios = [b / a for a, b in zip(record["A"]["times"][args.warmup:], record["B"]["times"][args.warmup:])]
 
-        def final_kd(name):
+        def kd_losses(name):
             values = [log["kd_loss"] for log in record[name]["logs"]]
             return values[0], statistics.mean(values[-5:])
 
-        a_first, a_final = final_kd("A")
-        b_first, b_final = final_kd("B")
+        a_first, a_final = kd_losses("A")
+        b_first, b_final = kd_losses("B")
         a_ce = heldout_ce(trainers["A"].model.eval(), heldout_ds, batch_size)
         b_ce = heldout_ce(trainers["B"].model.eval(), heldout_ds, batch_size)
+        s1_logits = logits_at_targets(trainers["B"].model, heldout_ds, batch_size)
+        del trainers
 
-        print(f"\n[3] {label} teacher and student — DistillationTrainer step, cache (A) vs online (B), "
-              f"batch {batch_size}x{seq}, {len(ratios)} measured steps each (after {args.warmup} warm-up)")
-        print(f"{'':<8} {'step s':>8} {'tokens/s':>9}")
-        print(f"{'cache':<8} {a_step:8.3f} {per_step / a_step:9.0f}")
-        print(f"{'online':<8} {b_step:8.3f} {per_step / b_step:9.0f}")
+        print(f"\n[2] {label} teacher and student: DistillationTrainer step from the cache (A) vs online (B), "
+              f"batch {batch_size}x{seq}, {len(ratios)} measured steps each after {args.warmup} warm-up, interleaved")
+        print(f"{'':<8} {'step s':>8} {'target tokens/s':>16}")
+        print(f"{'cache':<8} {a_step:8.3f} {per_step / a_step:16.0f}")
+        print(f"{'online':<8} {b_step:8.3f} {per_step / b_step:16.0f}")
         speed = b_step / a_step
         print(f"speed-up cache/online = {speed:.2f}x (per-step ratios {min(ratios):.2f}–{max(ratios):.2f}); "
               f"target >= {TARGET_SPEED}x -> {'MET' if speed >= TARGET_SPEED else 'NOT MET'}")
 
-        print(f"\n[4] {label} — {args.train_steps} steps, same student init, data order and seed "
-              f"(forward_kl, alpha 0.5, T 1, lr 1e-4)")
-        print(f"{'':<8} {'kd_loss step 1':>15} {'kd_loss final (mean last 5)':>28} {'held-out CE':>12} {'held-out ppl':>13}")
-        print(f"{'cache':<8} {a_first:15.4f} {a_final:28.4f} {a_ce:12.4f} {math.exp(a_ce):13.1f}")
-        print(f"{'online':<8} {b_first:15.4f} {b_final:28.4f} {b_ce:12.4f} {math.exp(b_ce):13.1f}")
-        print(f"reference held-out CE: teacher {teacher_ce:.4f} (ppl {math.exp(teacher_ce):.1f}), cut student before "
+        print(f"\n[3] {label}: {args.train_steps} steps each, same student init, data order and seed "
+              f"(forward_kl, alpha 0.5, T 1, lr 1e-4, linear decay)")
+        print(f"{'':<8} {'kd_loss step 1':>15} {'kd_loss final (mean of last 5)':>31} {'held-out CE':>12} {'held-out ppl':>13}")
+        print(f"{'cache':<8} {a_first:15.4f} {a_final:31.4f} {a_ce:12.4f} {math.exp(a_ce):13.1f}")
+        print(f"{'online':<8} {b_first:15.4f} {b_final:31.4f} {b_ce:12.4f} {math.exp(b_ce):13.1f}")
+        print(f"reference held-out CE: teacher {teacher_ce:.4f} (ppl {math.exp(teacher_ce):.1f}); cut student before "
               f"training {student0_ce:.4f} (ppl {math.exp(student0_ce):.1f})")
-        print(f"(cache kd_loss is the (k+1)-bucket divergence, a lower bound of the full one that online logs)")
+        print("(the cache run logs the (k+1)-bucket divergence, a lower bound of the full divergence the online run "
+              "logs: compare held-out CE, not kd_loss)", flush=True)
+
+        # ---- 4. reconstruction quality vs k ---------------------------------------------------------------
+        students = {"cut, untrained": s0_logits, f"online-trained {args.train_steps} steps": s1_logits}
+        online = {name: token_divergence(s, t_logits, loss_type="forward_kl", temperature=1.0) for name, s in students.items()}
+        rows, stored = [], {}
+        for k in ks:
+            ids, logprobs, lse = top_k_entries(t_logits, k, 1.0)
+            logprobs16 = logprobs.half().float()  # the cache stores float16 log-probs
+            stored[k] = ids
+            kl = float(reconstruction_kl(t_logits, ids, logprobs16).mean())
+            tail = float((-torch.expm1(torch.logsumexp(logprobs16, -1).clamp(max=0))).mean())
+            diffs = []
+            for name, s in students.items():
+                diff = cached_token_divergence(s, ids, logprobs16, lse, loss_type="forward_kl", temperature=1.0) - online[name]
+                diffs += [float(diff.abs().mean()), float(diff.mean())]
+            rows.append((str(k), bytes_per_token(vocab, k), tail, kl, diffs, "  <- default k" if k == k_default else ""))
+        # the default k once more, from a cache written by build_cache and read back from disk
+        held_dir = Path(tmp) / "heldout_cache"
+        build_cache(teacher, heldout_ds, tokenizer, held_dir, batch_size=batch_size)
+        disk, _ = load_cache(held_dir, heldout_ds, tokenizer, CacheSettings(1.0, 0, False))
+        disk = disk.with_format("torch")
+        d_ids = torch.cat([r.long() for r in disk["teacher_ids"]]).view(-1, k_default)
+        d_lp = torch.cat([r.float() for r in disk["teacher_logprobs"]]).view(-1, k_default)
+        d_lse = torch.cat([r.float() for r in disk["teacher_lse"]])
+        ids_match = float((d_ids == stored[k_default]).float().mean())
+        diffs = []
+        for name, s in students.items():
+            diff = cached_token_divergence(s, d_ids, d_lp, d_lse, loss_type="forward_kl", temperature=1.0) - online[name]
+            diffs += [float(diff.abs().mean()), float(diff.mean())]
+        d_tail = float((-torch.expm1(torch.logsumexp(d_lp, -1).clamp(max=0))).mean())
+        rows.append(("disk", bytes_per_token(vocab, k_default), d_tail, float(reconstruction_kl(t_logits, d_ids, d_lp).mean()),
+                     diffs, f"  <- default k from disk (top-k ids equal to in-memory: {ids_match:.4f})"))
+
+        names = list(students)
+        print(f"\n[4] {label} teacher, {n_held_targets} held-out tokens, nats/token. (a) KL(p_full‖p_rec); "
+              f"(b) cached_token_divergence − token_divergence (forward_kl, T 1) for two students:")
+        for name in names:
+            print(f"    {name}: online forward KL(teacher‖student) = {float(online[name].mean()):.4f}")
+        print(f"{'k':>5} {'B/token':>8} {'tail mass':>10} {'(a) KL':>9} "
+              + " ".join(f"{'(b) |Δ| ' + n[:14]:>24} {'Δ':>8}" for n in names))
+        for k, bpt, tail, kl, diffs, mark in rows:
+            cells = " ".join(f"{diffs[2 * i]:24.5f} {diffs[2 * i + 1]:8.4f}" for i in range(len(names)))
+            print(f"{k:>5} {bpt:>8} {tail:10.4f} {kl:9.5f} {cells}{mark}")
+        default_abs = rows[-1][4][0]
+        print(f"target: (b) at default k <= {TARGET_NATS} nats/token (student: {names[0]}) -> {default_abs:.5f} "
+              f"({'MET' if default_abs <= TARGET_NATS else 'NOT MET'}); "
+              f"(a) at default k -> {rows[-1][3]:.5f} ({'MET' if rows[-1][3] <= TARGET_NATS else 'NOT MET'})", flush=True)
+
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
 
 

@@ -253,7 +253,7 @@ def build_cache(
             batch = collator([{c: row[c] for c in columns} for row in part])
             batch = {k: v.to(device) for k, v in batch.items()}
             _, _, kd_mask = causal_target_masks(batch["labels"], batch.get("attention_mask"), distill_all_tokens)
-            logits = _selected_logits(teacher, batch, kd_mask)
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[kd_mask]
             ids, logprobs, lse = top_k_entries(logits, settings.top_k, temperature)
             counts = kd_mask.sum(-1).tolist()
             for chunk_ids, chunk_lp, chunk_lse in zip(ids.split(counts), logprobs.split(counts), lse.split(counts)):
@@ -271,18 +271,6 @@ def build_cache(
         partial.rename(shard_path)  # a shard exists only once complete
         logger.info(f"teacher cache: rows {start}–{stop} of {len(dataset)} written to {shard_path.name}")
     return path
-
-
-def _selected_logits(model, batch, mask):
-    """Logits at the masked positions only, without the full (B, T, V) tensor where the model allows it."""
-    import inspect
-
-    from .teacher import _unwrap
-
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-    if "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters:
-        return model(**inputs, logits_to_keep=mask).logits
-    return model(**inputs).logits[mask]
 
 
 def load_cache(cache_dir: str | os.PathLike, dataset, tokenizer, settings: CacheSettings):

@@ -202,7 +202,7 @@ class DistillationTrainer(Trainer):
             kwargs["decoder_input_ids"] = _unwrap(model).prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
         return kwargs
 
-    def _chunking_works(self, name: str, model, inputs: dict[str, Any], select: torch.Tensor) -> bool:
+    def _chunking_works(self, name: str, model, inputs: dict[str, Any]) -> bool:
         """Whether `model`'s logits equal its linear head applied to its last hidden states (checked once)."""
         if name in self._use_chunks:
             return self._use_chunks[name]
@@ -217,16 +217,12 @@ class DistillationTrainer(Trainer):
             and (isinstance(head, nn.Linear) or name == "teacher")
         )
         if works:
-            probe = torch.zeros_like(select)
-            probe.view(-1)[: min(8, probe.numel())] = True
             with torch.no_grad():
                 out = self.accelerator.unwrap_model(model)(
-                    **self._model_inputs(model, inputs), logits_to_keep=probe, output_hidden_states=True
+                    **self._model_inputs(model, inputs), logits_to_keep=1, output_hidden_states=True
                 )
-                projected = head(out.hidden_states[-1][probe])
-                works = out.logits.shape == projected.shape and torch.allclose(
-                    out.logits.float(), projected.float(), rtol=1e-3, atol=1e-3, equal_nan=True
-                )
+                projected = head(out.hidden_states[-1][:, -1])
+                works = torch.allclose(out.logits[:, -1].float(), projected.float(), rtol=1e-3, atol=1e-3, equal_nan=True)
             if not works:
                 logger.warning(
                     f"The {name}'s logits are not a plain linear projection of its last hidden states (a logit "
@@ -238,16 +234,10 @@ class DistillationTrainer(Trainer):
     def _run(self, name: str, model, inputs: dict[str, Any], select: torch.Tensor):
         """Run a model; return its logits at the selected positions, or (hidden states, head) when chunking."""
         kwargs = self._model_inputs(model, inputs)
-        if self.task_kind != CAUSAL:
-            outputs = model(**kwargs)
-            return outputs, outputs.logits[select], None
-        if self._chunking_works(name, model, inputs, select):
-            # An empty mask: the model computes no logits at all, only its hidden states.
-            outputs = model(**kwargs, logits_to_keep=torch.zeros_like(select), output_hidden_states=True)
+        if self.task_kind == CAUSAL and self._chunking_works(name, model, inputs):
+            # Logits of the last position only (B × V, negligible); the loss projects the hidden states itself.
+            outputs = model(**kwargs, logits_to_keep=1, output_hidden_states=True)
             return outputs, outputs.hidden_states[-1][select], _unwrap(model).get_output_embeddings()
-        if "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters:
-            outputs = model(**kwargs, logits_to_keep=select)
-            return outputs, outputs.logits, None
         outputs = model(**kwargs)
         return outputs, outputs.logits[select], None
 
