@@ -82,7 +82,7 @@ class DistillationConfig(TrainingArguments):
     )
     chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Positions per chunk of the chunked loss; None picks about 16M logits per chunk."},
+        metadata={"help": "Positions per chunk of the chunked loss; None picks about 16M logits a chunk on CPU, 134M on GPU."},
     )
 
     teacher_cache: str | None = field(

@@ -291,7 +291,8 @@ class DistillationTrainer(Trainer):
                 teacher_head,
                 positions,
                 self.loss_settings,
-                self.args.chunk_size or default_chunk_size(student_head.weight.shape[0]),
+                self.args.chunk_size
+                or default_chunk_size(student_head.weight.shape[0], device_type=student_head.weight.device.type),
             )
         else:
             if teacher_head is not None:  # chunked teacher, unchunked student: project the teacher whole
