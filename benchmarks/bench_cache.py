@@ -75,6 +75,7 @@ def parse_args():
 
 def header() -> None:
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+    print("load average at start (1/5/15 min): %.2f %.2f %.2f" % os.getloadavg())
     import transformers
 
     print(f"machine: {platform.machine()} | python {platform.python_version()} | torch {torch.__version__} | "
@@ -409,7 +410,8 @@ def main() -> None:
               f"({'MET' if default_abs <= TARGET_NATS else 'NOT MET'}); "
               f"(a) at default k -> {rows[-1][3]:.5f} ({'MET' if rows[-1][3] <= TARGET_NATS else 'NOT MET'})", flush=True)
 
-    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
+    print("load average at end (1/5/15 min): %.2f %.2f %.2f" % os.getloadavg())
+    print(f"total wall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

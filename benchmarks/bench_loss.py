@@ -190,6 +190,29 @@ class PeakMemory:
         return math.nan
 
 
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def wait_for_ram(needed: float, limit_s: float = 300.0) -> float:
+    """Wait (up to `limit_s`) until `needed` bytes are available, so that a step as large as its previous
+    one is not killed by another process's memory use. Returns the seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        available = _mem_available()
+        if available is None or available >= needed:
+            break
+        time.sleep(5)
+    return time.perf_counter() - started
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -207,12 +230,16 @@ def run_job(job: dict, emit) -> None:
     inp = make_inputs(job["V"], job["BT"], device, hidden=job["hidden"])
     probe = PeakMemory(device)
     emit({"kind": "meta", "mem_method": probe.method})
+    last_peak: dict[str, float] = {}
     for rep in range(job["reps"]):
         for variant in job["variants"]:
             inp["h_s"].grad = None
             inp["w_s"].grad = None
             gc.collect()
             _trim_heap()
+            waited = 0.0
+            if device == "cpu":
+                waited = wait_for_ram(last_peak.get(variant, 0.0))
             _sync(device)
             probe.start()
             t0 = time.perf_counter()
@@ -220,7 +247,9 @@ def run_job(job: dict, emit) -> None:
             _sync(device)
             seconds = time.perf_counter() - t0
             peak = probe.stop()
-            record = {"kind": "rep", "variant": variant, "rep": rep, "ms": seconds * 1e3, "peak_bytes": peak}
+            last_peak[variant] = peak
+            record = {"kind": "rep", "variant": variant, "rep": rep, "ms": seconds * 1e3, "peak_bytes": peak,
+                      "waited_s": waited}
             if rep == 0:  # numerical cross-check of the variants, outside the timed region
                 record["loss"] = float(loss)
                 record["grad_h_norm"] = float(inp["h_s"].grad.norm())
@@ -257,18 +286,19 @@ def run_job_isolated(job: dict, in_process: bool) -> tuple[list[dict], str | Non
             records.append(json.loads(line[len("RESULT "):]))
     if proc.returncode != 0:
         reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
-        return records, f"{reason}: {err.strip().splitlines()[-1] if err.strip() else ''}"
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        return records, reason + (f": {last}" if last else "")
     return records, None
 
 
 def summarize(records: list[dict], variant: str) -> dict:
     reps = [r for r in records if r.get("kind") == "rep" and r["variant"] == variant]
     if not reps:
-        return {"ms": math.nan, "mib": math.nan, "n": 0, "ms_all": [], "mib_all": [], "first": {}}
+        return {"ms": math.nan, "mib": math.nan, "n": 0, "ms_all": [], "mib_all": [], "first": {}, "waited": 0.0}
     ms = [r["ms"] for r in reps]
     mib = [r["peak_bytes"] / MIB for r in reps]
     return {"ms": statistics.median(ms), "mib": statistics.median(mib), "n": len(reps), "ms_all": ms,
-            "mib_all": mib, "first": reps[0]}
+            "mib_all": mib, "first": reps[0], "waited": sum(r.get("waited_s", 0.0) for r in reps)}
 
 
 def fmt(value: float, spec: str) -> str:
@@ -277,6 +307,17 @@ def fmt(value: float, spec: str) -> str:
 
 def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-30)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def cpu_snapshot() -> tuple[float, float, float] | None:
@@ -336,7 +377,7 @@ def main() -> int:
         sweep_sizes, sweep_v, sweep_bt = (8, 16, 32, 64), 5000, 128
         args.reps_small = args.reps_large = 2
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or "cpu")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
     print("Distillation loss step benchmark: naive (full logits) vs hf_distill.chunked.chunked_blended_loss")
     print(f"torch {torch.__version__}, device {args.device} ({device_name}), torch threads {torch.get_num_threads()}, "
           f"python {platform.python_version()}")
@@ -404,6 +445,11 @@ def main() -> int:
                  fmt(chunked["ms"] / naive["ms"], ".3f"), fmt(naive["mib"], ".1f"), fmt(chunked["mib"], ".1f"),
                  fmt(chunked["mib"] / naive["mib"], ".3f"))
         print("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    for vocab, bt, chunk, naive, chunked, error, _ in rows:
+        wanted = reps_for(vocab, bt, args)
+        if error or naive["n"] < wanted or chunked["n"] < wanted:
+            print(f"  ! V={vocab} BT={bt}: only {naive['n']} naive and {chunked['n']} chunked of {wanted} steps "
+                  f"completed" + (f" ({error})" if error else ""))
     print()
     print("Chunk size used by `chunked`: default_chunk_size(V) = "
           + ", ".join(f"{v} -> {default_chunk_size(v)}" for v in grid_v) + ".")
@@ -417,7 +463,9 @@ def main() -> int:
         print(f"  V={vocab} BT={bt}: naive ms {[round(x, 1) for x in naive['ms_all']]} "
               f"MiB {[round(x, 1) for x in naive['mib_all']]}; chunked@{chunk} ms "
               f"{[round(x, 1) for x in chunked['ms_all']]} MiB {[round(x, 1) for x in chunked['mib_all']]}; "
-              f"check {check}" + (f"; ERROR {error}" if error else ""))
+              f"check {check}" + (f"; ERROR {error}" if error else "")
+              + (f"; waited {naive['waited'] + chunked['waited']:.0f} s for free RAM before steps"
+                 if naive["waited"] + chunked["waited"] >= 1 else ""))
 
     if sweep is not None:
         job, results, error, skipped = sweep

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import shlex
 import statistics
@@ -58,6 +59,7 @@ def parse_args():
 
 def header(args) -> None:
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+    print("load average at start (1/5/15 min): %.2f %.2f %.2f" % os.getloadavg())
     print(
         f"machine: {platform.machine()} {platform.processor() or ''} | python {platform.python_version()} | "
         f"torch {torch.__version__} | threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})"
@@ -72,6 +74,7 @@ def main() -> None:
     import transformers
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
 
     from hf_distill import DistillationConfig, DistillationTrainer
     from hf_distill.data import CausalLMCollator
@@ -166,6 +169,7 @@ def main() -> None:
                 data_collator=collator,
                 callbacks=[timer],
             )
+            trainer.remove_callback(PrinterCallback)
             trainer.train()
             assert trainer.state.global_step == total_steps, trainer.state.global_step
             used_chunks = trainer._use_chunks.get("student", False)
@@ -186,6 +190,7 @@ def main() -> None:
           f"({'MET' if chunked_ratio <= TARGET else 'NOT MET'})")
     print(f"chunking buys: unchunked/chunked trainer step time = {results[1][2] / results[0][2]:.3f}")
     print(f"(optimizer: {results[0][7]} {opt_kwargs}; 'A/B range' = min–max of the per-step ratios)")
+    print("load average at end (1/5/15 min): %.2f %.2f %.2f" % os.getloadavg())
 
 
 if __name__ == "__main__":

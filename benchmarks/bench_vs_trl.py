@@ -48,6 +48,7 @@ import time
 
 import torch
 
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "recipes", "data", "bible_en_es.jsonl")
 CHAT_TEMPLATE = (
@@ -302,6 +303,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+    print("load average at start (1/5/15 min): %.2f %.2f %.2f" % os.getloadavg())
     import transformers
     import trl
 
@@ -360,6 +362,8 @@ def main() -> None:
         print(f"target at vocab {vocab}: tokens/s ratio >= {TARGET_SPEED} -> {speed:.2f} "
               f"({'MET' if speed >= TARGET_SPEED else 'NOT MET'}); memory growth ratio <= {TARGET_MEMORY} -> {mem:.2f} "
               f"({'MET' if mem <= TARGET_MEMORY else 'NOT MET'})")
+
+    print("load average at end (1/5/15 min): %.2f %.2f %.2f" % os.getloadavg())
 
 
 if __name__ == "__main__":
