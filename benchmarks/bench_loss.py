@@ -340,13 +340,21 @@ def others_share(before, after) -> float:
     return max(0.0, others) / ((after[2] - before[2]) * (os.cpu_count() or 1))
 
 
+def package_chunk_size(vocab: int, device: str) -> int:
+    """The package's default chunk size for this vocabulary on this kind of device."""
+    from hf_distill.chunked import default_chunk_size
+
+    try:
+        return default_chunk_size(vocab, device_type=device)
+    except TypeError:  # versions whose default does not depend on the device
+        return default_chunk_size(vocab)
+
+
 def reps_for(vocab: int, bt: int, args) -> int:
     return args.reps_large if vocab * bt >= LARGE_ELEMENTS else args.reps_small
 
 
 def main() -> int:
-    from hf_distill.chunked import default_chunk_size
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, in-process, a few seconds (smoke test)")
@@ -390,8 +398,6 @@ def main() -> int:
 
     # Numerical cross-check in the quick run: chunked must equal naive.
     if args.quick:
-        from hf_distill.chunked import default_chunk_size as _dcs  # noqa: F401
-
         a = make_inputs(1000, 96, args.device, hidden=hidden)
         b = make_inputs(1000, 96, args.device, hidden=hidden)
         la, lb = step_naive(a), step_chunked(b, 40)
@@ -404,7 +410,7 @@ def main() -> int:
     rows, notes, mem_method = [], [], None
     for vocab in grid_v:
         for bt in grid_bt:
-            chunk = default_chunk_size(vocab)
+            chunk = package_chunk_size(vocab, args.device)
             job = {"device": args.device, "V": vocab, "BT": bt, "hidden": hidden,
                    "reps": reps_for(vocab, bt, args), "variants": ["naive", f"chunked@{chunk}"]}
             t0, snap = time.perf_counter(), cpu_snapshot()
@@ -451,8 +457,8 @@ def main() -> int:
             print(f"  ! V={vocab} BT={bt}: only {naive['n']} naive and {chunked['n']} chunked of {wanted} steps "
                   f"completed" + (f" ({error})" if error else ""))
     print()
-    print("Chunk size used by `chunked`: default_chunk_size(V) = "
-          + ", ".join(f"{v} -> {default_chunk_size(v)}" for v in grid_v) + ".")
+    print(f"Chunk size used by `chunked`: default_chunk_size(V, device_type={args.device!r}) = "
+          + ", ".join(f"{v} -> {package_chunk_size(v, args.device)}" for v in grid_v) + ".")
     print("Details (every measured step, in order; check = relative difference naive vs chunked of loss, "
           "|grad h|, |grad W| on the first step):")
     for vocab, bt, chunk, naive, chunked, error, wall in rows:
@@ -472,7 +478,8 @@ def main() -> int:
         base = results["naive"]
         print()
         print(f"Chunk-size sweep at V={job['V']}, BT={job['BT']} ({job['reps']} reps, all variants alternating in one "
-              f"process; default_chunk_size -> {default_chunk_size(job['V'])})" + (f"; ERROR {error}" if error else ""))
+              f"process; default_chunk_size -> {package_chunk_size(job['V'], args.device)})"
+              + (f"; ERROR {error}" if error else ""))
         sheader = ("chunk", "ms", "time ratio", "peak MiB", "memory ratio")
         swidths = (7, 10, 10, 10, 12)
         print("  ".join(h.rjust(w) for h, w in zip(sheader, swidths)))
