@@ -117,13 +117,32 @@ def tail_log_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
 def _bucket_log_probs(student_logits, ids, teacher_logprobs, temperature, tail: str):
     """Student and teacher log-probabilities over the top-k ids plus one bucket for everything else."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q_top = log_q.gather(-1, ids)
+    use_tail = uses_tail_bucket(tail, ids.shape[-1], student_logits.shape[-1])
+    log_q_tail = student_tail_log_mass(log_q, ids) if use_tail else None
+    return student_buckets(log_q.gather(-1, ids), log_q_tail), teacher_buckets(teacher_logprobs, use_tail)
+
+
+def uses_tail_bucket(tail: str, top_k: int, vocab: int) -> bool:
+    """Whether the mass outside the top-k is its own bucket (not when renormalizing, or when no token is left)."""
+    return tail != "renormalize" and top_k < vocab
+
+
+def student_tail_log_mass(log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log Σ_{j ∉ ids} q_j, exactly (not as 1 − Σ top-k, which cancels when the top-k hold nearly all the mass)."""
+    return log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+
+
+def student_buckets(log_q_top: torch.Tensor, log_q_tail: torch.Tensor | None) -> torch.Tensor:
+    """The student's bucket log-probabilities: top-k then tail, or the top-k renormalized when the tail is None."""
+    return F.log_softmax(log_q_top, -1) if log_q_tail is None else torch.cat([log_q_top, log_q_tail], -1)
+
+
+def teacher_buckets(teacher_logprobs: torch.Tensor, use_tail: bool) -> torch.Tensor:
+    """The teacher's bucket log-probabilities from its stored top-k, like `student_buckets`."""
     log_p_top = teacher_logprobs.float()
-    if tail == "renormalize" or ids.shape[-1] == student_logits.shape[-1]:  # or no token is left outside
-        return F.log_softmax(log_q_top, -1), F.log_softmax(log_p_top, -1)
-    log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
-    log_p_tail = tail_log_mass(log_p_top)[:, None]
-    return torch.cat([log_q_top, log_q_tail], -1), torch.cat([log_p_top, log_p_tail], -1)
+    if not use_tail:
+        return F.log_softmax(log_p_top, -1)
+    return torch.cat([log_p_top, tail_log_mass(log_p_top)[:, None]], -1)
 
 
 def cached_token_divergence(

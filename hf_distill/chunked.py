@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import CachedTeacher, cached_token_divergence
+from .logit_grads import blended_loss_and_grad, has_closed_form
 from .losses import cross_entropy_per_position, token_divergence
 
 
@@ -26,6 +27,7 @@ class LossSettings:
     beta: float = 0.5
     skew: float = 0.1
     cache_tail: str = "bucket"  # how a cached teacher's mass outside its top-k is treated, see cache.py
+    closed_form: bool = True  # chunks use the closed-form gradients of logit_grads.py where one exists
 
 
 @dataclass
@@ -95,6 +97,7 @@ class _ChunkedBlendedLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
         totals = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        closed_form = has_closed_form(teacher_hidden, settings) if settings.closed_form else False
 
         for start in range(0, hidden.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
@@ -103,15 +106,23 @@ class _ChunkedBlendedLoss(torch.autograd.Function):
             if teacher_hidden is not None:
                 with torch.no_grad():
                     teacher_logits = teacher_head(teacher_hidden[part])
-            with torch.enable_grad():
-                logits = F.linear(h, weight, bias).detach().requires_grad_(True)
-                loss, kd_sum, ce_sum = blended_loss(logits, teacher_logits, positions.chunk(part), settings)
-                grad_logits = torch.autograd.grad(loss, logits)[0] if loss.requires_grad else torch.zeros_like(logits)
+            if closed_form:
+                logits = F.linear(h, weight, bias)
+                loss, kd_sum, ce_sum, grad_logits = blended_loss_and_grad(logits, teacher_logits, positions.chunk(part), settings)
+            else:
+                with torch.enable_grad():
+                    logits = F.linear(h, weight, bias).detach().requires_grad_(True)
+                    loss, kd_sum, ce_sum = blended_loss(logits, teacher_logits, positions.chunk(part), settings)
+                    grad_logits = torch.autograd.grad(loss, logits)[0] if loss.requires_grad else torch.zeros_like(logits)
+            del logits
             totals += torch.stack([loss.detach(), kd_sum, ce_sum])
             if grad_hidden is not None:
                 grad_hidden[part] = grad_logits @ weight.to(grad_logits.dtype)
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h.to(grad_logits.dtype)).float()
+                if grad_logits.dtype == torch.float32 and h.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), h)  # no (V, D) temporary
+                else:
+                    grad_weight += (grad_logits.t() @ h.to(grad_logits.dtype)).float()
             if grad_bias is not None:
                 grad_bias += grad_logits.float().sum(0)
 
