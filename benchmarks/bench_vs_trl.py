@@ -18,8 +18,11 @@ hf_distill gets exactly the token ids and labels that collator produced, as a pr
 Rows are exactly SEQ tokens long (no padding) and read in order (sequential sampler), so both trainers
 see the same tokens step by step: the script checks each step's token hash and target count.
 
+hf_distill runs twice: with its defaults, and with `compile_loss=True` (the chunk math fused by
+torch.compile; `--no-compile` leaves that variant out).
+
 Measurement: each (trainer, vocab, repetition) runs in its own fresh subprocess, alternating
-hf_distill, TRL, hf_distill, TRL, ... per vocab.
+hf_distill, hf_distill+compile, TRL, hf_distill, ... per vocab.
 - Target tokens per second: target tokens of a step / median step time over the steps after `--warmup`;
   a step's time is the wall time between consecutive `on_step_end` callbacks (everything the Trainer does).
 - Peak memory growth: after models and trainer are built, the heap is trimmed and the kernel's peak-RSS
@@ -118,7 +121,7 @@ def make_trainer(kind: str, job: dict, teacher, student, tokenizer, callbacks=()
         ids = inputs["input_ids"].cpu().numpy().astype("int64")
         trainer.seen.append((hashlib.sha1(ids.tobytes()).hexdigest()[:12], int((inputs["labels"][:, 1:] != -100).sum())))
 
-    if kind == "hf_distill":
+    if kind.startswith("hf_distill"):
         from hf_distill import DistillationConfig, DistillationTrainer
 
         class Recording(DistillationTrainer):
@@ -126,7 +129,8 @@ def make_trainer(kind: str, job: dict, teacher, student, tokenizer, callbacks=()
                 record(self, inputs)
                 return super().training_step(model, inputs, num_items_in_batch)
 
-        args = DistillationConfig(**common, alpha=1.0, loss_type="jsd", beta=0.5, temperature=1.0)
+        args = DistillationConfig(**common, alpha=1.0, loss_type="jsd", beta=0.5, temperature=1.0,
+                                  compile_loss=kind == "hf_distill+compile")
         dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
         trainer = Recording(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                             processing_class=tokenizer, callbacks=list(callbacks))
@@ -288,6 +292,7 @@ def parse_args():
     parser.add_argument("--reps", type=int, default=2, help="subprocesses per (trainer, vocab), interleaved")
     parser.add_argument("--bpe-vocab", type=int, default=8000, help="size of the BPE tokenizer trained on the text")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compile_loss=True variant")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -322,14 +327,15 @@ def main() -> None:
                    warmup=args.warmup, threads=args.threads, tokenizer=tok_dir, data=data_path,
                    out_dir=os.path.join(tmp, "out"))
 
+        kinds = ("hf_distill", "trl") if args.no_compile else ("hf_distill", "hf_distill+compile", "trl")
         sanity = run_worker(dict(job, mode="sanity", vocab=vocabs[0]))
         results = {}
         for vocab in vocabs:
             for rep in range(args.reps):
-                for kind in ("hf_distill", "trl"):
+                for kind in kinds:
                     res = run_worker(dict(job, mode="train", kind=kind, vocab=vocab))
                     results.setdefault((vocab, kind), []).append(res)
-                    print(f"  vocab {vocab} rep {rep} {kind:<10} median step {res['step_s']:.3f} s, "
+                    print(f"  vocab {vocab} rep {rep} {kind:<18} median step {res['step_s']:.3f} s, "
                           f"growth {res['growth'] / MIB:.0f} MiB, step peak {res['step_peak'] / MIB:.0f} MiB", flush=True)
 
     print("\nsanity (vocab %d, RANDOM models, first batch, before any update):" % vocabs[0])
@@ -339,27 +345,30 @@ def main() -> None:
           f"target tokens {h['targets']} vs {t['targets']} | same input_ids: {t['same_ids']}")
 
     print("\nRANDOM models, REAL text — hf_distill DistillationTrainer (A) vs TRL GKDTrainer (B)")
-    print(f"{'vocab':>6} {'A tok/s':>8} {'B tok/s':>8} {'A/B speed':>9} {'A growth MiB':>12} {'B growth MiB':>12} "
+    print(f"{'vocab':>6} {'A':<18} {'A tok/s':>8} {'B tok/s':>8} {'A/B speed':>9} {'A growth MiB':>12} {'B growth MiB':>12} "
           f"{'A/B mem':>8} {'A step-peak':>11} {'B step-peak':>11} {'A/B':>6} {'same tokens':>11}")
     summary = []
     for vocab in vocabs:
-        a_runs, b_runs = results[(vocab, "hf_distill")], results[(vocab, "trl")]
-        same = all(r["hashes"] == a_runs[0]["hashes"] and r["targets_per_step"] == a_runs[0]["targets_per_step"]
-                   for r in a_runs + b_runs)
-        targets = statistics.mean(a_runs[0]["targets_per_step"])
-        a_tps = targets / statistics.median(r["step_s"] for r in a_runs)
-        b_tps = targets / statistics.median(r["step_s"] for r in b_runs)
-        a_mem = statistics.median(r["growth"] for r in a_runs)
-        b_mem = statistics.median(r["growth"] for r in b_runs)
-        a_step = statistics.median(r["step_peak"] for r in a_runs)
-        b_step = statistics.median(r["step_peak"] for r in b_runs)
-        summary.append((vocab, a_tps / b_tps, a_mem / b_mem))
-        print(f"{vocab:>6} {a_tps:8.0f} {b_tps:8.0f} {a_tps / b_tps:9.2f} {a_mem / MIB:12.0f} {b_mem / MIB:12.0f} "
-              f"{a_mem / b_mem:8.2f} {a_step / MIB:11.0f} {b_step / MIB:11.0f} {a_step / b_step:6.2f} {str(same):>11}")
+        b_runs = results[(vocab, "trl")]
+        for kind in kinds[:-1]:
+            a_runs = results[(vocab, kind)]
+            same = all(r["hashes"] == a_runs[0]["hashes"] and r["targets_per_step"] == a_runs[0]["targets_per_step"]
+                       for r in a_runs + b_runs)
+            targets = statistics.mean(a_runs[0]["targets_per_step"])
+            a_tps = targets / statistics.median(r["step_s"] for r in a_runs)
+            b_tps = targets / statistics.median(r["step_s"] for r in b_runs)
+            a_mem = statistics.median(r["growth"] for r in a_runs)
+            b_mem = statistics.median(r["growth"] for r in b_runs)
+            a_step = statistics.median(r["step_peak"] for r in a_runs)
+            b_step = statistics.median(r["step_peak"] for r in b_runs)
+            summary.append((vocab, kind, a_tps / b_tps, a_mem / b_mem))
+            print(f"{vocab:>6} {kind:<18} {a_tps:8.0f} {b_tps:8.0f} {a_tps / b_tps:9.2f} {a_mem / MIB:12.0f} "
+                  f"{b_mem / MIB:12.0f} {a_mem / b_mem:8.2f} {a_step / MIB:11.0f} {b_step / MIB:11.0f} "
+                  f"{a_step / b_step:6.2f} {str(same):>11}")
     print(f"\noptimizers: hf_distill {results[(vocabs[0], 'hf_distill')][0]['optimizer']}; "
           f"trl {results[(vocabs[0], 'trl')][0]['optimizer']}")
-    for vocab, speed, mem in summary:
-        print(f"target at vocab {vocab}: tokens/s ratio >= {TARGET_SPEED} -> {speed:.2f} "
+    for vocab, kind, speed, mem in summary:
+        print(f"target at vocab {vocab} ({kind}): tokens/s ratio >= {TARGET_SPEED} -> {speed:.2f} "
               f"({'MET' if speed >= TARGET_SPEED else 'NOT MET'}); memory growth ratio <= {TARGET_MEMORY} -> {mem:.2f} "
               f"({'MET' if mem <= TARGET_MEMORY else 'NOT MET'})")
 

@@ -28,6 +28,7 @@ class LossSettings:
     skew: float = 0.1
     cache_tail: str = "bucket"  # how a cached teacher's mass outside its top-k is treated, see cache.py
     closed_form: bool = True  # chunks use the closed-form gradients of logit_grads.py where one exists
+    compile: bool = False  # and fuse that math with torch.compile (teacher given as logits or hidden states)
 
 
 @dataclass

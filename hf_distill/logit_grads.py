@@ -21,6 +21,7 @@ caller uses autograd for them (`has_closed_form`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -115,47 +116,62 @@ def _cached(s, teacher: CachedTeacher, settings, kd_weights):
     return values.detach(), grad.div_(temperature), log_q, q
 
 
+def _chunk_loss_and_grad(student_logits, teacher, targets, kd_mask, ce_mask, kd_weights, ce_weights, settings, want_kd, want_ce):
+    """(Σ divergence, Σ CE, d loss / d logits in float32); `*_weights` are the loss scales on each term's rows."""
+    s = student_logits.float()
+    n, vocab = s.shape
+    kd_sum, grad, log_q, q = s.new_zeros(()), None, None, None
+    if teacher is not None:
+        if isinstance(teacher, CachedTeacher):
+            values, grad, log_q, q = _cached(s, teacher, settings, kd_weights if want_kd else None)
+        else:
+            values, grad, log_q, q = _online(s, teacher, settings, want_kd)
+            if grad is not None:  # rows left out get 0, even where the teacher overflowed
+                grad = grad.mul_(kd_weights[:, None]).masked_fill_(~kd_mask[:, None], 0.0)
+        kd_sum = torch.where(kd_mask, values, torch.zeros_like(values)).sum()
+        if grad is not None and grad.shape[-1] < vocab:  # teacher with fewer rows: no KD gradient beyond them
+            grad = torch.cat([grad, grad.new_zeros(n, vocab - grad.shape[-1])], -1)
+
+    if settings.temperature != 1.0 or log_q is None or log_q.shape[-1] != vocab:
+        log_q = F.log_softmax(s, dim=-1)
+        q = log_q.exp() if want_ce else None
+    safe_targets = torch.where(targets != -100, targets, torch.zeros_like(targets))[:, None]
+    ce = -log_q.gather(-1, safe_targets).squeeze(-1)
+    ce_sum = torch.where(ce_mask & (targets != -100), ce, torch.zeros_like(ce)).sum()
+    if want_ce:
+        grad = torch.zeros_like(s) if grad is None else grad
+        grad.addcmul_(q, ce_weights[:, None]).scatter_add_(-1, safe_targets, -ce_weights[:, None])
+    return kd_sum, ce_sum, torch.zeros_like(s) if grad is None else grad
+
+
+@functools.cache
+def _compiled_chunk_loss_and_grad():
+    # Fuses the elementwise passes into a few loops (inductor: C++/OpenMP on CPU, Triton on GPU).
+    return torch.compile(_chunk_loss_and_grad, dynamic=True)
+
+
 @torch.no_grad()
 def blended_loss_and_grad(student_logits, teacher, positions, settings):
     """(loss, Σ divergence, Σ CE, d loss / d student_logits) of `blended_loss`, without autograd on (n, V) values.
 
-    Only for the cases `has_closed_form` accepts. The gradient has the logits' dtype.
+    Only for the cases `has_closed_form` accepts. The gradient has the logits' dtype. With
+    `settings.compile`, the math for a teacher given as logits runs through `torch.compile`.
     """
-    s = student_logits.float()
-    n, vocab = s.shape
-    temperature = settings.temperature
-    zero = s.new_zeros(())
-    loss, kd_sum, grad = zero, zero, None
-    log_q = q = None
-    if teacher is not None:
-        want_kd = positions.kd_scale != 0
-        kd_weights = torch.where(positions.kd_mask, positions.kd_scale, 0.0).to(s) if want_kd else None
-        if isinstance(teacher, CachedTeacher):
-            values, grad, log_q, q = _cached(s, teacher, settings, kd_weights)
-        else:
-            values, grad, log_q, q = _online(s, teacher, settings, want_kd)
-            if grad is not None:
-                grad.mul_(kd_weights[:, None])
-                if not positions.kd_mask.all():  # rows left out get 0, even where the teacher overflowed
-                    grad.masked_fill_(~positions.kd_mask[:, None], 0.0)
-        kd_sum = torch.where(positions.kd_mask, values, torch.zeros_like(values)).sum()
-        if want_kd:
-            loss = loss + positions.kd_scale * kd_sum
-        if grad is not None and grad.shape[-1] < vocab:  # teacher with fewer rows: no KD gradient beyond them
-            grad = torch.cat([grad, grad.new_zeros(n, vocab - grad.shape[-1])], -1)
-
-    if temperature != 1.0 or log_q is None or log_q.shape[-1] != vocab:
-        log_q = F.log_softmax(s, dim=-1)
-        q = log_q.exp() if positions.ce_scale != 0 else None
-    valid = positions.targets != -100
-    safe_targets = torch.where(valid, positions.targets, torch.zeros_like(positions.targets))[:, None]
-    ce = torch.where(positions.ce_mask & valid, -log_q.gather(-1, safe_targets).squeeze(-1), torch.zeros(n, device=s.device))
-    ce_sum = ce.sum()
-    if positions.ce_scale != 0:
+    want_kd = teacher is not None and positions.kd_scale != 0
+    want_ce = positions.ce_scale != 0
+    device = student_logits.device
+    kd_weights = torch.where(positions.kd_mask, positions.kd_scale, 0.0).to(device, torch.float32)
+    ce_rows = positions.ce_mask & (positions.targets != -100)
+    ce_weights = torch.where(ce_rows, positions.ce_scale, 0.0).to(device, torch.float32)
+    compiled = settings.compile and teacher is not None and not isinstance(teacher, CachedTeacher)
+    function = _compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad
+    kd_sum, ce_sum, grad = function(
+        student_logits, teacher, positions.targets, positions.kd_mask, positions.ce_mask, kd_weights, ce_weights,
+        settings, want_kd, want_ce,
+    )
+    loss = student_logits.new_zeros((), dtype=torch.float32)
+    if want_kd:
+        loss = loss + positions.kd_scale * kd_sum
+    if want_ce:
         loss = loss + positions.ce_scale * ce_sum
-        ce_weights = torch.where(positions.ce_mask & valid, positions.ce_scale, 0.0).to(s)[:, None]
-        grad = torch.zeros_like(s) if grad is None else grad
-        grad.addcmul_(q, ce_weights).scatter_add_(-1, safe_targets, -ce_weights)
-    if grad is None:
-        grad = torch.zeros_like(s)
-    return loss, kd_sum.detach(), ce_sum.detach(), grad.to(student_logits.dtype)
+    return loss, kd_sum, ce_sum, grad.to(student_logits.dtype)

@@ -129,7 +129,9 @@ class DistillationTrainer(Trainer):
         # The student's loss is computed here, never inside its forward.
         self.model_accepts_loss_kwargs = False
         self.teacher_model = None if teacher_model is None else prepare_teacher(teacher_model, self.accelerator)
-        self.loss_settings = LossSettings(args.loss_type, args.temperature, args.beta, args.skew)
+        self.loss_settings = LossSettings(
+            args.loss_type, args.temperature, args.beta, args.skew, args.teacher_cache_tail, compile=args.compile_loss
+        )
         self._use_chunks: dict[str, bool] = {}  # decided per model on the first batch
         self._metric_sums = {"train": None, "eval": None}
         if teacher_model is not None:

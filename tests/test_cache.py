@@ -177,3 +177,17 @@ def test_cache_with_other_labels_is_refused_in_training(tmp_path, cache_setup):
             model=student, args=config(tmp_path, teacher_cache=str(path), distill_all_tokens=True),
             train_dataset=dataset, processing_class=tokenizer,
         )
+
+
+def test_cache_tail_setting_reaches_the_loss(tmp_path, cache_setup):
+    """teacher_cache_tail='renormalize' trains on the renormalized top-k, not on the (k + 1)-bucket loss."""
+    teacher, student, dataset, tokenizer = cache_setup
+    path = build_cache(teacher, dataset, tokenizer, tmp_path / "cache", top_k=4)
+    first_kd = {}
+    for tail in ("bucket", "renormalize"):
+        args = config(tmp_path / tail, max_steps=1, per_device_train_batch_size=4, teacher_cache=str(path), teacher_cache_tail=tail)
+        trainer = DistillationTrainer(model=copy.deepcopy(student), args=args, train_dataset=dataset, processing_class=tokenizer)
+        assert trainer.loss_settings.cache_tail == tail
+        trainer.train()
+        first_kd[tail] = trainer.state.log_history[0]["kd_loss"]
+    assert first_kd["bucket"] != pytest.approx(first_kd["renormalize"], rel=1e-3)

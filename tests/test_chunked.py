@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -215,6 +216,17 @@ def test_closed_form_and_autograd_chunks_agree_at_scale(teacher_kind):
         head = None if teacher is None else nn.Identity()
         results.append(run_chunked(hidden, weight, None, teacher, head, positions, settings, 16))
     assert_same(results[1], results[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_chunks_equal_unchunked():
+    """compile_loss: the torch.compile'd chunk math gives the unchunked values and gradients (one compile, ~30 s)."""
+    case = make_case(bias=True, teacher_kind="linear", extra_vocab=2, seed=27)
+    positions = make_positions(N, V, seed=28)
+    settings = LossSettings(loss_type="jsd", temperature=2.0, beta=0.3, compile=True)
+    reference = run_reference(*case, positions, settings)
+    for chunk_size in (3, 64):  # ragged last chunk, then one chunk: dynamic shapes, no recompile
+        assert_same(reference, run_chunked(*case, positions, settings, chunk_size))
 
 
 @pytest.mark.parametrize("upstream", (0.0, 2.5, -1.0))
