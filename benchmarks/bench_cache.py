@@ -19,7 +19,9 @@ from the end of the file and are never trained on or used for the training cache
    teacher run every step): two DistillationTrainer.train() runs on the same student init, data order
    (sequential sampler), seed and settings (forward_kl, alpha 0.5, T 1, lr 1e-4), driven step by step in
    turn (A, B, A, B, ...; each in its own thread, only one running at a time). Step time = wall time
-   between consecutive `on_step_end` callbacks inside train(); medians after `--warmup` steps.
+   between consecutive `on_step_end` callbacks inside train(); medians after `--warmup` steps. Then the
+   same student trained alone on its CE by a plain `transformers.Trainer` (no teacher, no divergence): no
+   cached step can beat it, so online / student-alone is the most the cache can buy with this student.
 3. Outcome of those two runs: kd_loss (first step, mean of the last 5) and held-out CE of both students.
 4. Reconstruction quality vs k on the held-out tokens, in nats/token:
    (a) KL(p_full ‖ p_rec), p_rec = the stored top-k probabilities (float16-rounded as in the cache) with the
@@ -65,7 +67,7 @@ def parse_args():
     parser.add_argument("--train-steps", type=int, default=20, help="optimizer steps of each training run")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the step-time medians")
     parser.add_argument("--heldout-rows", type=int, default=16, help="held-out rows (of SEQ tokens) for KL and CE")
-    parser.add_argument("--ks", default="8,16,32,63,128", help="k values of the reconstruction table")
+    parser.add_argument("--ks", default="8,16,32,63,128,512,2048", help="k values of the reconstruction table")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.quick:
@@ -171,6 +173,28 @@ def reconstruction_kl(t_logits, ids, logprobs16, chunk=256) -> torch.Tensor:
         log_rec.scatter_(-1, ids[part], logprobs16[part].double())
         out.append((log_p.exp() * (log_p - log_rec)).sum(-1))
     return torch.cat(out)
+
+
+def student_alone_step_time(student, dataset, tokenizer, args, warmup, steps=6) -> float:
+    """Median step time of the student trained on its own CE by a plain `transformers.Trainer` (no teacher)."""
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            self.mark = time.perf_counter()
+
+        def on_step_end(self, *_, **__):  # like the pair: wall time between consecutive step ends
+            times.append(time.perf_counter() - self.mark)
+            self.mark = time.perf_counter()
+
+    args.max_steps = warmup + steps
+    trainer = Trainer(model=student, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return statistics.median(times[warmup:])
 
 
 def train_pair(make_trainer_a, make_trainer_b, warmup):
@@ -339,6 +363,7 @@ def main() -> None:
 
         a_first, a_final = kd_losses("A")
         b_first, b_final = kd_losses("B")
+        plain_step = student_alone_step_time(student_from_teacher(teacher, layers), train_ds, tokenizer, config("plain"), args.warmup)
         a_ce = heldout_ce(trainers["A"].model.eval(), heldout_ds, batch_size)
         b_ce = heldout_ce(trainers["B"].model.eval(), heldout_ds, batch_size)
         s1_logits = logits_at_targets(trainers["B"].model, heldout_ds, batch_size)
@@ -350,6 +375,10 @@ def main() -> None:
         print(f"{'cache':<8} {a_step:8.3f} {per_step / a_step:16.0f}")
         print(f"{'online':<8} {b_step:8.3f} {per_step / b_step:16.0f}")
         speed = b_step / a_step
+        print(f"{'student alone':<8} {plain_step:8.3f} {per_step / plain_step:16.0f}   (plain Trainer, CE only, "
+              "no teacher: the bound of any cached step; measured after the pair)")
+        print(f"bound: online/student-alone = {b_step / plain_step:.2f}x; cached step / student-alone step = "
+              f"{a_step / plain_step:.2f}")
         print(f"speed-up cache/online = {speed:.2f}x (per-step ratios {min(ratios):.2f}–{max(ratios):.2f}); "
               f"target >= {TARGET_SPEED}x -> {'MET' if speed >= TARGET_SPEED else 'NOT MET'}")
 
