@@ -9,8 +9,8 @@ fewer. With q = softmax(s / T), p the teacher's, and each row weighted by its lo
 - JSD, m = β·p + (1−β)·q:        d/ds = T · (1−β) · q ⊙ (log q − log m − KL(q‖m))
 - a cached teacher (any loss on probabilities): the divergence is a function of the student's bucket
   log-probabilities (top-k, tail); autograd on those (n, k + 1) values gives G, and the softmax's
-  Jacobian carries it to the logits: (G_i − q_j·ΣG) / T on the i-th top-k id j,
-  (G_tail · q_j / q_tail − q_j·ΣG) / T on every other token.
+  Jacobian carries it to the logits: (G_i − q_j·ΣG) / T on the i-th top-k id j, and
+  q_j · (G_tail / q_tail − ΣG) / T on every other token, a per-row scale of q.
 - CE: softmax(s) − onehot(target).
 
 Values equal `hf_distill.chunked.blended_loss`. Gradients equal autograd's except where rounding made a
@@ -49,8 +49,11 @@ def _kl_terms_(probs: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     return log_ratio.mul_(probs).masked_fill_(probs == 0, 0.0)
 
 
-def _online(s, teacher_logits, settings, want_grad):
-    """(divergence per row, d divergence / d s over the shared vocabulary or None, log q, q)."""
+def _online(s, teacher_logits, settings, kd_weights):
+    """(divergence per row, d Σ kd_weights·divergence / d s over the shared vocabulary or None, log q, q).
+
+    q is softmax(s / T) over the shared vocabulary; the gradient, when asked, reuses one of the buffers.
+    """
     temperature, beta, loss_type = settings.temperature, settings.beta, settings.loss_type
     if loss_type == "jsd" and beta in (0.0, 1.0):  # TRL's endpoints: forward and reverse KL
         loss_type = "forward_kl" if beta == 0.0 else "reverse_kl"
@@ -59,39 +62,62 @@ def _online(s, teacher_logits, settings, want_grad):
     log_p = F.log_softmax(_scaled(teacher_logits[:, :vocab].float(), temperature), dim=-1)
     q = log_q.exp()
     grad = None
+    scale = None if kd_weights is None else (kd_weights * temperature)[:, None]
     if loss_type == "forward_kl":
         p = log_p.exp()
         value = _kl_terms_(p, log_p.sub_(log_q)).sum(-1).clamp_min(0.0)
-        if want_grad:
-            grad = torch.sub(q, p).mul_(temperature)
+        if scale is not None:
+            grad = p.mul_(-scale).addcmul_(q, scale)  # T·w·(q − p), in p's buffer
     elif loss_type == "reverse_kl":
         log_ratio = log_q - log_p
         raw = _kl_terms_(q, log_ratio.clone()).sum(-1)
         value = raw.clamp_min(0.0)
-        if want_grad:
-            grad = log_ratio.sub_(raw[:, None]).mul_(q).masked_fill_(q == 0, 0.0).mul_(temperature)
+        if scale is not None:
+            grad = log_ratio.sub_(raw[:, None]).mul_(q).masked_fill_(q == 0, 0.0).mul_(scale)
     else:
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
         to_p = _kl_terms_(log_p.exp(), log_p.sub_(log_m)).sum(-1).clamp_min(0.0)
         q_log_ratio = log_q - log_m
         to_q = _kl_terms_(q, q_log_ratio.clone()).sum(-1)
         value = beta * to_p + (1 - beta) * to_q.clamp_min(0.0)
-        if want_grad:
-            grad = q_log_ratio.sub_(to_q[:, None]).mul_(q).masked_fill_(q == 0, 0.0)
-            grad.mul_(temperature * (1 - beta))
+        if scale is not None:
+            grad = q_log_ratio.sub_(to_q[:, None]).mul_(q).masked_fill_(q == 0, 0.0).mul_(scale * (1 - beta))
     return value * temperature**2, grad, log_q, q
 
 
-def _cached(s, teacher: CachedTeacher, settings, kd_weights):
-    """(divergence per row, d Σ kd_weights·divergence / d s or None, log q, q) against a cached teacher."""
+# Below this student tail mass (float32 tail probabilities may be subnormal or 0) the tail's log-mass and its
+# share of the gradient are computed in log space, for those rows only.
+_SMALL_TAIL = 1e-30
+
+
+def _cached(s, teacher: CachedTeacher, settings, kd_weights, ce_weights):
+    """(divergence per row, gradient or None, log Σ exp(s / T)) against a cached teacher.
+
+    The gradient is d Σ kd_weights·divergence / d s, plus ce_weights ⊙ softmax(s) when `ce_weights` is given
+    (T = 1: the cross-entropy's dense part shares q). Every token outside the top-k gets the same share of
+    the tail bucket's gradient in proportion to q, so the whole (n, V) gradient is q times a per-row scale,
+    overwritten on the k ids: one pass, in q's own buffer.
+    """
     temperature = settings.temperature
     ids = teacher.ids.long()
-    log_q = F.log_softmax(_scaled(s, temperature), dim=-1)
-    q = log_q.exp()
+    scaled = _scaled(s, temperature)
+    log_norm = torch.logsumexp(scaled, -1, keepdim=True)
+    q = torch.sub(scaled, log_norm).exp_()
+    top = scaled.gather(-1, ids).sub_(log_norm)  # log q on the top-k ids
     use_tail = uses_tail_bucket(settings.cache_tail, ids.shape[-1], s.shape[-1])
-    top = log_q.gather(-1, ids).requires_grad_(kd_weights is not None)
-    tail = student_tail_log_mass(log_q, ids).requires_grad_(kd_weights is not None) if use_tail else None
+    tail, small = None, None
+    if use_tail:
+        q_rest = q.scatter_(-1, ids, 0.0).sum(-1, keepdim=True)  # q's top-k entries are rewritten below
+        is_small = q_rest < _SMALL_TAIL
+        small = is_small.squeeze(-1).nonzero().squeeze(-1)
+        tail = q_rest.log()
+        if small.numel():
+            tail[small] = student_tail_log_mass(scaled[small] - log_norm[small], ids[small])
+    want_grad = kd_weights is not None
     with torch.enable_grad():
+        top.requires_grad_(want_grad)
+        if use_tail:
+            tail.requires_grad_(want_grad)
         values = token_divergence(
             student_buckets(top, tail),
             teacher_buckets(teacher.logprobs, use_tail),
@@ -100,47 +126,67 @@ def _cached(s, teacher: CachedTeacher, settings, kd_weights):
             beta=settings.beta,
             skew=settings.skew,
         ) * temperature**2
-        if kd_weights is None:
-            return values.detach(), None, log_q, q
+        if not want_grad:
+            return values.detach(), None, log_norm
         weighted = torch.where(kd_weights != 0, values * kd_weights, torch.zeros_like(values)).sum()
         grads = torch.autograd.grad(weighted, [top, tail] if use_tail else [top])
-    grad_top = grads[0]
+    # Through the softmax: (G_i − q_i·ΣG) / T on the top-k, (G_tail·q_j / q_tail − q_j·ΣG) / T elsewhere.
+    grad_top = grads[0].div_(temperature)
     total = grad_top.sum(-1, keepdim=True)
+    row_scale = -total
     if use_tail:
-        total = total + grads[1]
-        grad = (log_q - tail.detach()).exp_().mul_(grads[1])  # G_tail · q_j / q_tail
-    else:
-        grad = torch.zeros_like(q)
-    grad.addcmul_(q, total, value=-1.0)
-    grad.scatter_(-1, ids, grad_top - top.detach().exp() * total)
-    return values.detach(), grad.div_(temperature), log_q, q
+        grad_tail = grads[1].div_(temperature)
+        total = total + grad_tail
+        tail = tail.detach()
+        row_scale = torch.where(is_small, 0.0, grad_tail * (-tail).exp()) - total
+    q_top = top.detach().exp()
+    values_top = grad_top - q_top * total
+    if ce_weights is not None:
+        row_scale = row_scale + ce_weights[:, None]
+        values_top = values_top + q_top * ce_weights[:, None]
+    grad = q.mul_(row_scale)
+    if use_tail and small.numel():  # the tail's share for tiny tails, in log space
+        share = (scaled[small] - log_norm[small] - tail[small]).exp_().mul_(grads[1][small])
+        grad.index_add_(0, small, share)
+    return values.detach(), grad.scatter_(-1, ids, values_top), log_norm
 
 
-def _chunk_loss_and_grad(student_logits, teacher, targets, kd_mask, ce_mask, kd_weights, ce_weights, settings, want_kd, want_ce):
+def _chunk_loss_and_grad(
+    student_logits, teacher, targets, kd_mask, ce_mask, kd_weights, ce_weights, settings, want_kd, want_ce, rows_left_out
+):
     """(Σ divergence, Σ CE, d loss / d logits in float32); `*_weights` are the loss scales on each term's rows."""
     s = student_logits.float()
     n, vocab = s.shape
-    kd_sum, grad, log_q, q = s.new_zeros(()), None, None, None
+    temperature = settings.temperature
+    kd_sum, grad, log_q, probs, log_norm, ce_done = s.new_zeros(()), None, None, None, None, False
     if teacher is not None:
         if isinstance(teacher, CachedTeacher):
-            values, grad, log_q, q = _cached(s, teacher, settings, kd_weights if want_kd else None)
+            ce_done = want_kd and want_ce and temperature == 1.0
+            values, grad, log_norm = _cached(
+                s, teacher, settings, kd_weights if want_kd else None, ce_weights if ce_done else None
+            )
         else:
-            values, grad, log_q, q = _online(s, teacher, settings, want_kd)
-            if grad is not None:  # rows left out get 0, even where the teacher overflowed
-                grad = grad.mul_(kd_weights[:, None]).masked_fill_(~kd_mask[:, None], 0.0)
+            values, grad, log_q, probs = _online(s, teacher, settings, kd_weights if want_kd else None)
+            if grad is not None and rows_left_out:  # rows left out get 0, even where the teacher overflowed
+                grad = grad.masked_fill_(~kd_mask[:, None], 0.0)
         kd_sum = torch.where(kd_mask, values, torch.zeros_like(values)).sum()
         if grad is not None and grad.shape[-1] < vocab:  # teacher with fewer rows: no KD gradient beyond them
             grad = torch.cat([grad, grad.new_zeros(n, vocab - grad.shape[-1])], -1)
 
-    if settings.temperature != 1.0 or log_q is None or log_q.shape[-1] != vocab:
-        log_q = F.log_softmax(s, dim=-1)
-        q = log_q.exp() if want_ce else None
     safe_targets = torch.where(targets != -100, targets, torch.zeros_like(targets))[:, None]
-    ce = -log_q.gather(-1, safe_targets).squeeze(-1)
+    if temperature == 1.0 and log_q is not None and log_q.shape[-1] == vocab:
+        ce = -log_q.gather(-1, safe_targets).squeeze(-1)
+    else:
+        if temperature != 1.0 or log_norm is None:
+            log_norm, probs = torch.logsumexp(s, -1, keepdim=True), None
+        ce = (log_norm - s.gather(-1, safe_targets)).squeeze(-1)
     ce_sum = torch.where(ce_mask & (targets != -100), ce, torch.zeros_like(ce)).sum()
     if want_ce:
-        grad = torch.zeros_like(s) if grad is None else grad
-        grad.addcmul_(q, ce_weights[:, None]).scatter_add_(-1, safe_targets, -ce_weights[:, None])
+        if not ce_done:
+            if probs is None:
+                probs = torch.sub(s, log_norm).exp_()
+            grad = probs.mul_(ce_weights[:, None]) if grad is None else grad.addcmul_(probs, ce_weights[:, None])
+        grad.scatter_add_(-1, safe_targets, -ce_weights[:, None])
     return kd_sum, ce_sum, torch.zeros_like(s) if grad is None else grad
 
 
@@ -167,7 +213,7 @@ def blended_loss_and_grad(student_logits, teacher, positions, settings):
     function = _compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad
     kd_sum, ce_sum, grad = function(
         student_logits, teacher, positions.targets, positions.kd_mask, positions.ce_mask, kd_weights, ce_weights,
-        settings, want_kd, want_ce,
+        settings, want_kd, want_ce, want_kd and not bool(positions.kd_mask.all()),
     )
     loss = student_logits.new_zeros((), dtype=torch.float32)
     if want_kd:

@@ -196,6 +196,28 @@ def test_chunked_cached_teacher_equals_unchunked(loss_type, temperature, tail):
         assert_same(reference, run_chunked(hidden, weight, bias, cached, nn.Identity(), positions, settings, chunk_size))
 
 
+@pytest.mark.parametrize("temperature", (1.0, 2.0))
+@pytest.mark.parametrize("loss_type", ("forward_kl", "reverse_kl", "jsd"))
+def test_cached_teacher_with_vanishing_student_tail(loss_type, temperature):
+    """Rows where the student leaves ~1e-50, ~1e-32 or ~1e-17 of its mass outside the teacher's top-k: float32 tail
+    probabilities underflow there, and the chunk falls back to log space for those rows only."""
+    gen = torch.Generator().manual_seed(29)
+    n, vocab, k = 12, 40, 5
+    teacher_logits = 3 * torch.randn(n, vocab, generator=gen)
+    cached = CachedTeacher(*top_k_entries(teacher_logits, k, temperature))
+    logits = torch.randn(n, vocab, generator=gen)
+    boost = torch.tensor([120.0, 75.0, 40.0, 0.0] * 3)[:, None] * temperature  # e^-120 underflows, e^-75 < 1e-30 < e^-40
+    logits.scatter_add_(-1, cached.ids, boost.expand(n, k).contiguous())
+    weight = torch.eye(vocab)  # the "head" returns the hidden states: they are the logits
+    positions = make_positions(n, vocab, seed=30)
+    settings = LossSettings(loss_type=loss_type, temperature=temperature)
+    reference = run_reference(logits, weight, None, cached, nn.Identity(), positions, settings)
+    assert torch.isfinite(reference[1][0]).all()
+    for chunk_size in (1, 5, 64):
+        chunked = run_chunked(logits, weight, None, cached, nn.Identity(), positions, settings, chunk_size)
+        assert_same(reference, chunked, rtol=1e-4, atol=2e-5)  # logits up to 240: float32 rounding ~1e-6 of them
+
+
 @pytest.mark.parametrize("teacher_kind", ("linear", "cached", None))
 def test_closed_form_and_autograd_chunks_agree_at_scale(teacher_kind):
     """Closed-form chunk gradients vs autograd chunk gradients on a wider vocabulary with peaked teachers."""
