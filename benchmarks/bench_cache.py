@@ -22,6 +22,9 @@ from the end of the file and are never trained on or used for the training cache
    between consecutive `on_step_end` callbacks inside train(); medians after `--warmup` steps. Then the
    same student trained alone on its CE by a plain `transformers.Trainer` (no teacher, no divergence): no
    cached step can beat it, so online / student-alone is the most the cache can buy with this student.
+   [2b] The same pair (and student-alone bound) with a small RANDOM-init student of the same vocabulary
+   (`--small-student HIDDENxLAYERS`, default 6 layers of width 256, ~7x fewer parameters than the teacher):
+   the cut student keeps the teacher's full-width head, which caps what any cache can buy.
 3. Outcome of those two runs: kd_loss (first step, mean of the last 5) and held-out CE of both students.
 4. Reconstruction quality vs k on the held-out tokens, in nats/token:
    (a) KL(p_full ‖ p_rec), p_rec = the stored top-k probabilities (float16-rounded as in the cache) with the
@@ -69,9 +72,13 @@ def parse_args():
     parser.add_argument("--heldout-rows", type=int, default=16, help="held-out rows (of SEQ tokens) for KL and CE")
     parser.add_argument("--ks", default="8,16,32,63,128,512,2048", help="k values of the reconstruction table")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--small-student", default="256x6",
+                        help="HIDDENxLAYERS of a second, RANDOM-init student whose speed pair is also measured ('' skips)")
+    parser.add_argument("--small-steps", type=int, default=8, help="measured steps of the small student's speed pair")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.train_steps, args.warmup, args.heldout_rows, args.ks = "2x32", 4, 1, 4, "4,16,63"
+        args.small_student, args.small_steps = "32x2", 2
     return args
 
 
@@ -256,6 +263,38 @@ def train_pair(make_trainer_a, make_trainer_b, warmup):
     return trainers, record
 
 
+def speed_pair_small_student(args, teacher, train_ds, tokenizer, cached_trainer, online_trainer, config, per_step):
+    """[2b] the speed pair again with a small RANDOM-init student (same vocabulary, tied head), fewer steps."""
+    from hf_distill.scratch import small_llama
+
+    hidden, n_layers = map(int, args.small_student.split("x"))
+    tc = teacher.config
+
+    def make_student():
+        return small_llama(tc.vocab_size, hidden, n_layers, seed=0, tie_word_embeddings=True, pad_token_id=tc.pad_token_id,
+                           bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id)
+
+    size, teacher_size = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (make_student(), teacher))
+    steps = args.warmup + args.small_steps
+    print(f"\n[2b] the same pair with a small RANDOM-init student ({n_layers} layers x {hidden}, tied head, {size:.1f}M "
+          f"params = teacher/{teacher_size / size:.1f}), {args.small_steps} measured steps each after {args.warmup} warm-up",
+          flush=True)
+    _, record = train_pair(lambda cb: cached_trainer(cb, make_student, steps),
+                           lambda cb: online_trainer(cb, make_student, steps), args.warmup)
+    a_step = statistics.median(record["A"]["times"][args.warmup:])
+    b_step = statistics.median(record["B"]["times"][args.warmup:])
+    plain_step = student_alone_step_time(make_student(), train_ds, tokenizer, config("plain-small", steps), args.warmup)
+    ratios = [b / a for a, b in zip(record["A"]["times"][args.warmup:], record["B"]["times"][args.warmup:])]
+    print(f"{'':<13} {'step s':>8} {'target tokens/s':>16}")
+    for name, step in (("cache", a_step), ("online", b_step), ("student alone", plain_step)):
+        print(f"{name:<13} {step:8.3f} {per_step / step:16.0f}")
+    speed = b_step / a_step
+    print(f"bound: online/student-alone = {b_step / plain_step:.2f}x; cached step / student-alone step = "
+          f"{a_step / plain_step:.2f}")
+    print(f"speed-up cache/online = {speed:.2f}x (per-step ratios {min(ratios):.2f}–{max(ratios):.2f}); "
+          f"target >= {TARGET_SPEED}x -> {'MET' if speed >= TARGET_SPEED else 'NOT MET'}", flush=True)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -316,11 +355,11 @@ def main() -> None:
         student0_ce = float(torch.nn.functional.cross_entropy(s0_logits, targets))
 
         # ---- 2 + 3. training from the cache vs online --------------------------------------------------------
-        def config(name, **extra):
+        def config(name, steps=args.train_steps, **extra):
             return DistillationConfig(
                 output_dir=str(Path(tmp) / name),
                 per_device_train_batch_size=batch_size,
-                max_steps=args.train_steps,
+                max_steps=steps,
                 learning_rate=1e-4,
                 alpha=0.5,
                 loss_type="forward_kl",
@@ -336,16 +375,16 @@ def main() -> None:
                 **extra,
             )
 
-        def cached_trainer(callback):
+        def cached_trainer(callback, make_student=lambda: student_from_teacher(teacher, layers), steps=args.train_steps):
             trainer = DistillationTrainer(
-                model=student_from_teacher(teacher, layers), args=config("cached", teacher_cache=str(cache_dir)),
+                model=make_student(), args=config("cached", steps, teacher_cache=str(cache_dir)),
                 train_dataset=train_ds, processing_class=tokenizer, callbacks=[callback])
             trainer.remove_callback(PrinterCallback)
             return trainer
 
-        def online_trainer(callback):
+        def online_trainer(callback, make_student=lambda: student_from_teacher(teacher, layers), steps=args.train_steps):
             trainer = DistillationTrainer(
-                model=student_from_teacher(teacher, layers), teacher_model=teacher, args=config("online"),
+                model=make_student(), teacher_model=teacher, args=config("online", steps),
                 train_dataset=train_ds, processing_class=tokenizer, callbacks=[callback])
             trainer.remove_callback(PrinterCallback)
             return trainer
@@ -381,6 +420,9 @@ def main() -> None:
               f"{a_step / plain_step:.2f}")
         print(f"speed-up cache/online = {speed:.2f}x (per-step ratios {min(ratios):.2f}–{max(ratios):.2f}); "
               f"target >= {TARGET_SPEED}x -> {'MET' if speed >= TARGET_SPEED else 'NOT MET'}")
+
+        if args.small_student:
+            speed_pair_small_student(args, teacher, train_ds, tokenizer, cached_trainer, online_trainer, config, per_step)
 
         print(f"\n[3] {label}: {args.train_steps} steps each, same student init, data order and seed "
               f"(forward_kl, alpha 0.5, T 1, lr 1e-4, linear decay)")

@@ -30,7 +30,7 @@ def small_llama(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, see
     """A randomly initialised Llama-architecture causal LM of the given size."""
     import torch
 
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 4,
@@ -42,8 +42,8 @@ def small_llama(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, see
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
-        **overrides,
     )
+    config = LlamaConfig(**(settings | overrides))
     if seed is not None:
         torch.manual_seed(seed)
     return LlamaForCausalLM(config)
