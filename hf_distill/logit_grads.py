@@ -44,6 +44,14 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature  # no copy of a (chunk, V) tensor at T = 1
 
 
+def _softmax_and_log_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(x), log Σ exp(x)) over the last dimension, from one fused softmax: the largest probability is at
+    least 1/V, so max x − log max q is as exact as the softmax itself, and on a CPU this takes about half the time
+    of `torch.logsumexp` followed by exp(x − lse)."""
+    q = F.softmax(x, dim=-1)
+    return q, x.amax(-1, keepdim=True) - q.amax(-1, keepdim=True).log()
+
+
 def _kl_terms_(probs: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """p · log(p / r), written into `log_ratio`; 0 where p = 0 (even where r = 0)."""
     return log_ratio.mul_(probs).masked_fill_(probs == 0, 0.0)
@@ -101,8 +109,7 @@ def _cached(s, teacher: CachedTeacher, settings, kd_weights, ce_weights):
     temperature = settings.temperature
     ids = teacher.ids.long()
     scaled = _scaled(s, temperature)
-    log_norm = torch.logsumexp(scaled, -1, keepdim=True)
-    q = torch.sub(scaled, log_norm).exp_()
+    q, log_norm = _softmax_and_log_norm(scaled)
     top = scaled.gather(-1, ids).sub_(log_norm)  # log q on the top-k ids
     use_tail = uses_tail_bucket(settings.cache_tail, ids.shape[-1], s.shape[-1])
     tail, small = None, None
@@ -178,12 +185,12 @@ def _chunk_loss_and_grad(
         ce = -log_q.gather(-1, safe_targets).squeeze(-1)
     else:
         if temperature != 1.0 or log_norm is None:
-            log_norm, probs = torch.logsumexp(s, -1, keepdim=True), None
+            probs, log_norm = _softmax_and_log_norm(s)
         ce = (log_norm - s.gather(-1, safe_targets)).squeeze(-1)
     ce_sum = torch.where(ce_mask & (targets != -100), ce, torch.zeros_like(ce)).sum()
     if want_ce:
         if not ce_done:
-            if probs is None:
+            if probs is None:  # a cached teacher at T = 1 without KD gradient: q was not kept
                 probs = torch.sub(s, log_norm).exp_()
             grad = probs.mul_(ce_weights[:, None]) if grad is None else grad.addcmul_(probs, ce_weights[:, None])
         grad.scatter_add_(-1, safe_targets, -ce_weights[:, None])
