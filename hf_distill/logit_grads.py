@@ -137,7 +137,7 @@ def _cached(s, teacher: CachedTeacher, settings, kd_weights, ce_weights):
             return values.detach(), None, log_norm
         weighted = torch.where(kd_weights != 0, values * kd_weights, torch.zeros_like(values)).sum()
         grads = torch.autograd.grad(weighted, [top, tail] if use_tail else [top])
-    # Through the softmax: (G_i − q_i·ΣG) / T on the top-k, (G_tail·q_j / q_tail − q_j·ΣG) / T elsewhere.
+    # Through the softmax: (G_i − q_j·ΣG) / T on the i-th top-k id j, (G_tail·q_j / q_tail − q_j·ΣG) / T elsewhere.
     grad_top = grads[0].div_(temperature)
     total = grad_top.sum(-1, keepdim=True)
     row_scale = -total
