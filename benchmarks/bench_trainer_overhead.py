@@ -79,7 +79,7 @@ def main() -> None:
 
     from hf_distill import DistillationConfig, DistillationTrainer
     from hf_distill.data import CausalLMCollator
-    from hf_distill.scratch import small_llama
+    from hf_distill.runner.scratch import small_llama
 
     transformers.logging.set_verbosity_error()
     t_layers, t_hidden = map(int, args.teacher.split("x"))

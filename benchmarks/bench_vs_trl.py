@@ -12,7 +12,7 @@ schedule and clipping), float32, bf16=False and gradient_checkpointing=False for
 
 Data: REAL English→Spanish Bible verse pairs (recipes/data/bible_en_es.jsonl) as chat `messages`
 (user: English, assistant: Spanish), tokenized with a byte-level BPE tokenizer trained on that text
-(`hf_distill.scratch.train_bpe_tokenizer`) plus a small chat template. GKD tokenizes the `messages`
+(`hf_distill.runner.scratch.train_bpe_tokenizer`) plus a small chat template. GKD tokenizes the `messages`
 itself with its own collator (DataCollatorForChatML, max_length = SEQ: prompt masked, left truncation);
 hf_distill gets exactly the token ids and labels that collator produced, as a pre-tokenized dataset.
 Rows are exactly SEQ tokens long (no padding) and read in order (sequential sampler), so both trainers
@@ -69,7 +69,7 @@ MIB = 1 << 20
 
 
 def model_pair(vocab: int, teacher: str, student: str):
-    from hf_distill.scratch import small_llama
+    from hf_distill.runner.scratch import small_llama
 
     t_layers, t_hidden = map(int, teacher.split("x"))
     s_layers, s_hidden = map(int, student.split("x"))
@@ -243,7 +243,7 @@ def build_data(tmp: str, seq: int, rows_needed: int, bpe_vocab: int):
     """Tokenizer (BPE on the bible text + chat template) and rows of exactly `seq` tokens with a prompt."""
     from trl.experimental.utils import DataCollatorForChatML
 
-    from hf_distill.scratch import train_bpe_tokenizer
+    from hf_distill.runner.scratch import train_bpe_tokenizer
 
     with open(DATA, encoding="utf-8") as handle:
         pairs = [json.loads(line)["translation"] for line in handle]

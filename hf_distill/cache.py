@@ -228,7 +228,7 @@ def build_cache(
     import pyarrow as pa
 
     from .data import causal_target_masks, default_collator
-    from .teacher import output_size
+    from .modeling import output_size
 
     path = Path(cache_dir)
     vocab = output_size(teacher)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-from .teacher import CAUSAL, CLASSIFICATION, SEQ2SEQ
+from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ
 
 
 @dataclass

@@ -16,7 +16,7 @@ from .cache import CACHE_COLUMNS, CacheSettings, CachedTeacher, load_cache
 from .chunked import LossSettings, PositionTargets, blended_loss, chunked_blended_loss, default_chunk_size
 from .config import DistillationConfig
 from .data import CachedTeacherCollator, causal_target_masks, check_train_dataset, default_collator
-from .teacher import (
+from .modeling import (
     CAUSAL,
     CLASSIFICATION,
     SEQ2SEQ,
@@ -367,7 +367,7 @@ class DistillationTrainer(Trainer):
         """Write README.md in `output_dir`: how the student was distilled, and the evaluation table if known."""
         import os
 
-        from .report import model_card
+        from .runner.report import model_card
 
         if not self.is_world_process_zero():
             return

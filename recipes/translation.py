@@ -8,8 +8,8 @@
 import sys
 from pathlib import Path
 
-from hf_distill.cli import parse_recipe
-from hf_distill.pipeline import train_recipe
+from hf_distill.runner.cli import parse_recipe
+from hf_distill.runner.pipeline import train_recipe
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -27,7 +27,7 @@ def spanish_lines(n: int = 300) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from hf_distill.scratch import train_bpe_tokenizer
+    from hf_distill.runner.scratch import train_bpe_tokenizer
 
     return train_bpe_tokenizer(english_lines(400) + spanish_lines(400), vocab_size=384)
 
@@ -42,7 +42,7 @@ def sharpen(model, factor: float = 20.0):
 
 @pytest.fixture
 def causal_pair(tokenizer):
-    from hf_distill.scratch import small_llama
+    from hf_distill.runner.scratch import small_llama
 
     teacher = sharpen(small_llama(len(tokenizer), hidden_size=64, num_layers=2, seed=0))
     student = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import prompt_response_dataset  # noqa: E402
 
 from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
-from hf_distill.scratch import small_llama, train_bpe_tokenizer  # noqa: E402
+from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer  # noqa: E402
 from conftest import english_lines, sharpen  # noqa: E402
 
 

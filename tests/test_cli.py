@@ -8,8 +8,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, pipeline
 
-from hf_distill.cli import main, parse_recipe
-from hf_distill.scratch import small_llama
+from hf_distill.runner.cli import main, parse_recipe
+from hf_distill.runner.scratch import small_llama
 
 from conftest import REPO, english_lines, sharpen
 from test_trainer import tiny_classifier, tiny_t5

@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from hf_distill import DistillationConfig, DistillationTrainer
-from hf_distill.scratch import small_llama, train_bpe_tokenizer
+from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
 
 from conftest import english_lines, spanish_lines
 from test_trainer import config, make_trainer, tiny_classifier, tiny_t5

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from hf_distill import DistillationTrainer
 from hf_distill.chunked import LossSettings, PositionTargets, blended_loss, chunked_blended_loss
-from hf_distill.scratch import small_llama
+from hf_distill.runner.scratch import small_llama
 
 from conftest import sharpen
 from test_trainer import config

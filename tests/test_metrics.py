@@ -7,7 +7,7 @@ import sys
 import pytest
 import sacrebleu
 
-from hf_distill.metrics import METRIC_NAMES, METRICS_DIR, load_metric
+from hf_distill.runner.metrics import METRIC_NAMES, METRICS_DIR, load_metric
 
 
 def test_shipped_files_exist():
@@ -146,7 +146,7 @@ def test_loads_offline_in_a_fresh_process(tmp_path):
     # A clean cache, and the Hub switched off: the scripts must load from the package alone.
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path))
     code = (
-        "from hf_distill.metrics import METRIC_NAMES, load_metric\n"
+        "from hf_distill.runner.metrics import METRIC_NAMES, load_metric\n"
         "for name in METRIC_NAMES:\n"
         "    load_metric(name)\n"
         "print(load_metric('accuracy').compute(predictions=[1, 0], references=[1, 1])['accuracy'])\n"

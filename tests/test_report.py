@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from hf_distill.report import comparison_table, format_value, model_card, write_report
+from hf_distill.runner.report import comparison_table, format_value, model_card, write_report
 
 
 ROWS = [

@@ -8,9 +8,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import default_collator
-from .losses import cross_entropy_per_position
-from .teacher import CAUSAL, CLASSIFICATION, SEQ2SEQ, _unwrap, model_kind
+from ..data import default_collator
+from ..losses import cross_entropy_per_position
+from ..modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, _unwrap, model_kind
 
 
 def parameter_count(model) -> int:

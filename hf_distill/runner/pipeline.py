@@ -11,11 +11,11 @@ import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
-from .config import DistillationConfig
+from ..config import DistillationConfig
 from .evaluation import evaluate_model
 from .recipe import RecipeArguments, build_student, model_columns, prepare_splits
-from .teacher import load_model
-from .trainer import DistillationTrainer
+from ..modeling import load_model
+from ..trainer import DistillationTrainer
 
 logger = logging.get_logger(__name__)
 
@@ -115,7 +115,7 @@ def evaluate_saved(recipe: RecipeArguments, models: dict[str, str], teacher_path
 
 def cache_recipe_teacher(recipe: RecipeArguments, config: DistillationConfig, cache_dir: str, top_k=None, batch_size=8):
     """Build the offline teacher cache for a recipe's training split (the rows `train_recipe` trains on)."""
-    from .cache import build_cache
+    from ..cache import build_cache
 
     tokenizer = load_tokenizer(recipe, config)
     teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from .config import DistillationConfig
+from ..config import DistillationConfig
 from .recipe import RecipeArguments
 
-DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "bible_en_es.jsonl"
+DATA = Path(__file__).resolve().parents[2] / "recipes" / "data" / "bible_en_es.jsonl"
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ def demo_recipe(data_file: str, sizes: DemoSizes) -> RecipeArguments:
 def _train_teacher(teacher, tokenizer, train, output_dir: str, sizes: DemoSizes, seed: int):
     from transformers import Trainer, TrainingArguments
 
-    from .data import default_collator
+    from ..data import default_collator
     from .recipe import model_columns
 
     args = TrainingArguments(

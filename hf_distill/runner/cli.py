@@ -4,7 +4,7 @@
     hf-distill eval recipes/translation.yaml --model student=runs/translation --model teacher=Helsinki-NLP/opus-mt-en-es
     hf-distill cache-teacher recipes/translation_causal.yaml --cache_dir cache/  # then train with --teacher_cache cache/
     hf-distill demo
-    accelerate launch -m hf_distill.cli train recipes/translation.yaml    # multi-GPU
+    accelerate launch -m hf_distill.runner.cli train recipes/translation.yaml    # multi-GPU
 
 Every field of RecipeArguments and DistillationConfig (so every TrainingArguments field) can be set in the
 YAML file and overridden on the command line as `--field value`.
@@ -19,7 +19,7 @@ import sys
 import yaml
 from transformers import HfArgumentParser
 
-from .config import DistillationConfig
+from ..config import DistillationConfig
 from .recipe import RecipeArguments
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers.utils import logging
 
-from .teacher import CAUSAL, CLASSIFICATION, SEQ2SEQ, load_model
+from ..modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, load_model
 
 logger = logging.get_logger(__name__)
 
