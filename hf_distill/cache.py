@@ -1,4 +1,6 @@
-"""Offline teacher cache: run the teacher once, store its top-k log-probabilities per target token, train from them.
+"""Offline teacher cache: the file format, its fingerprints and the build loop (the loss math is in `hf_distill.loss`).
+
+Run the teacher once, store its top-k log-probabilities per target token, train from them.
 
 Layout of a cache folder:
     cache_info.json         fingerprints (teacher, tokenizer, dataset, settings), k, dtypes, shard list
@@ -23,9 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
-import torch.nn.functional as F
+from datasets import Dataset, concatenate_datasets
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers.utils import logging
+
+from .data import default_collator
+from .loss import top_k_entries
+from .modeling import CAUSAL, output_size, target_positions
 
 logger = logging.get_logger(__name__)
 
@@ -92,103 +101,6 @@ class CacheSettings:
         return {"temperature": self.temperature, "top_k": self.top_k, "distill_all_tokens": self.distill_all_tokens}
 
 
-# ---- the teacher's top-k -------------------------------------------------------------------------
-
-
-def top_k_entries(teacher_logits: torch.Tensor, k: int, temperature: float):
-    """(ids, log-probs, lse) of the top-k at temperature T for logits (n, V)."""
-    scaled = teacher_logits.float() / temperature
-    lse = torch.logsumexp(scaled, dim=-1)
-    values, ids = scaled.topk(k, dim=-1)
-    return ids, values - lse[:, None], lse
-
-
-# Smallest tail mass kept for the teacher: float16 log-probs can round the top-k to a total of 1 or more,
-# which would leave no mass outside them and make reverse-KL-type losses infinite.
-MIN_TAIL_MASS = 1e-6
-
-
-def tail_log_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """log(1 − Σ exp(topk_logprobs)), floored at log(MIN_TAIL_MASS)."""
-    covered = torch.logsumexp(topk_logprobs.float(), dim=-1).clamp(max=0.0)
-    return torch.log((-torch.expm1(covered)).clamp(min=MIN_TAIL_MASS))
-
-
-def _bucket_log_probs(student_logits, ids, teacher_logprobs, temperature, tail: str):
-    """Student and teacher log-probabilities over the top-k ids plus one bucket for everything else."""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    use_tail = uses_tail_bucket(tail, ids.shape[-1], student_logits.shape[-1])
-    log_q_tail = student_tail_log_mass(log_q, ids) if use_tail else None
-    return student_buckets(log_q.gather(-1, ids), log_q_tail), teacher_buckets(teacher_logprobs, use_tail)
-
-
-def uses_tail_bucket(tail: str, top_k: int, vocab: int) -> bool:
-    """Whether the mass outside the top-k is its own bucket (not when renormalizing, or when no token is left)."""
-    return tail != "renormalize" and top_k < vocab
-
-
-def student_tail_log_mass(log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log Σ_{j ∉ ids} q_j, exactly (not as 1 − Σ top-k, which cancels when the top-k hold nearly all the mass)."""
-    return log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
-
-
-def student_buckets(log_q_top: torch.Tensor, log_q_tail: torch.Tensor | None) -> torch.Tensor:
-    """The student's bucket log-probabilities: top-k then tail, or the top-k renormalized when the tail is None."""
-    return F.log_softmax(log_q_top, -1) if log_q_tail is None else torch.cat([log_q_top, log_q_tail], -1)
-
-
-def teacher_buckets(teacher_logprobs: torch.Tensor, use_tail: bool) -> torch.Tensor:
-    """The teacher's bucket log-probabilities from its stored top-k, like `student_buckets`."""
-    log_p_top = teacher_logprobs.float()
-    if not use_tail:
-        return F.log_softmax(log_p_top, -1)
-    return torch.cat([log_p_top, tail_log_mass(log_p_top)[:, None]], -1)
-
-
-def cached_token_divergence(
-    student_logits: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    teacher_lse: torch.Tensor,
-    *,
-    loss_type: str,
-    temperature: float,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    tail: str = "bucket",
-) -> torch.Tensor:
-    """`token_divergence` against a cached teacher, per position: student logits (n, V) -> (n,).
-
-    Probability losses compare the (k + 1)-bucket distributions (top-k tokens, then the rest), a lower bound
-    of the full divergence that equals it when the top-k carry all the teacher's mass. `mse`/`cosine` compare
-    raw logits on the teacher's top-k ids.
-    """
-    from .losses import _SCALED_BY_T2, token_divergence
-
-    ids = teacher_ids.long()
-    if loss_type in ("mse", "cosine"):
-        teacher_raw = temperature * (teacher_logprobs.float() + teacher_lse.float()[:, None])
-        return token_divergence(student_logits.float().gather(-1, ids), teacher_raw, loss_type=loss_type)
-    log_q, log_p = _bucket_log_probs(student_logits, ids, teacher_logprobs, temperature, tail)
-    value = token_divergence(log_q, log_p, loss_type=loss_type, temperature=1.0, beta=beta, skew=skew)
-    return value * temperature**2 if loss_type in _SCALED_BY_T2 else value
-
-
-@dataclass
-class CachedTeacher:
-    """A batch's cached teacher entries, one row per selected position (row-major, like the trainer's selection)."""
-
-    ids: torch.Tensor
-    logprobs: torch.Tensor
-    lse: torch.Tensor
-
-    def __getitem__(self, part) -> "CachedTeacher":
-        return CachedTeacher(self.ids[part], self.logprobs[part], self.lse[part])
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-
 # ---- writing and reading -------------------------------------------------------------------------
 
 
@@ -225,11 +137,6 @@ def build_cache(
     Resumable: finished shards are kept and skipped when run again with the same teacher, tokenizer, data
     and settings; a different one is refused rather than mixed in.
     """
-    import pyarrow as pa
-
-    from .data import causal_target_masks, default_collator
-    from .modeling import output_size
-
     path = Path(cache_dir)
     vocab = output_size(teacher)
     settings = CacheSettings(temperature, top_k or default_top_k(vocab), distill_all_tokens)
@@ -257,21 +164,23 @@ def build_cache(
         ("teacher_logprobs", pa.list_(pa.float16())),
         ("teacher_lse", pa.list_(pa.float32())),
     ])
-    collator = default_collator("causal", tokenizer)
     device = next(teacher.parameters()).device
     teacher.eval()
     columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
-    for shard, start in enumerate(range(0, len(dataset), shard_rows)):
+    rows_in = dataset.select_columns(columns)
+    shards = range(0, len(dataset), shard_rows)
+    for shard, start in enumerate(tqdm(shards, desc="teacher cache (shards)", disable=len(shards) < 2)):
         shard_path = path / f"shard-{shard:05d}.arrow"
         if shard_path.exists():
             continue  # done in an earlier run
-        rows = {"teacher_ids": [], "teacher_logprobs": [], "teacher_lse": []}
         stop = min(start + shard_rows, len(dataset))
-        for batch_start in range(start, stop, batch_size):
-            part = dataset.select(range(batch_start, min(batch_start + batch_size, stop)))
-            batch = collator([{c: row[c] for c in columns} for row in part])
+        loader = DataLoader(
+            rows_in.select(range(start, stop)), batch_size=batch_size, collate_fn=default_collator(CAUSAL, tokenizer)
+        )
+        rows = {"teacher_ids": [], "teacher_logprobs": [], "teacher_lse": []}
+        for batch in tqdm(loader, desc=f"shard {shard}", leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
-            _, _, kd_mask = causal_target_masks(batch["labels"], batch.get("attention_mask"), distill_all_tokens)
+            _, _, kd_mask = target_positions(batch["labels"], batch["attention_mask"], CAUSAL, distill_all_tokens)
             logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[kd_mask]
             ids, logprobs, lse = top_k_entries(logits, settings.top_k, temperature)
             counts = kd_mask.sum(-1).tolist()
@@ -294,8 +203,6 @@ def build_cache(
 
 def load_cache(cache_dir: str | os.PathLike, dataset, tokenizer, settings: CacheSettings):
     """The cache's rows as a memory-mapped `Dataset`, after checking it was built for this data and settings."""
-    from datasets import Dataset, concatenate_datasets
-
     path = Path(cache_dir)
     info = _info(path)
     if info is None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
 
-from .losses import LOSS_TYPES, check_loss_settings
+from .loss import HIDDEN_LOSS_TYPES, LOSS_TYPES, check_loss_settings
 
 
 @dataclass
@@ -87,13 +88,37 @@ class DistillationConfig(TrainingArguments):
     compile_loss: bool = field(
         default=False,
         metadata={
-            "help": "Fuse the chunked loss's per-chunk math (softmaxes, divergence, its gradient) with `torch.compile`: "
-            "on a 2-core CPU the step's cost over a plain teacher-forward + student step falls from 1.27-1.33x to "
-            "1.02-1.08x (benchmarks/RESULTS.md), for a one-off compile of ~30 s "
-            "(needs a C++ compiler; on GPU, Triton). Applies to a live teacher with forward_kl, reverse_kl or jsd."
+            "help": "Fuse the chunked loss's per-chunk math (softmaxes, divergence, its gradient) with `torch.compile`, "
+            "for a one-off compile (needs a C++ compiler; on GPU, Triton). Applies to a live teacher with forward_kl, "
+            "reverse_kl or jsd. Measured speed-ups: benchmarks/RESULTS.md."
         },
     )
 
+    hidden_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight γ of the intermediate-layer term: loss = alpha·KD + (1 − alpha)·CE + γ·H, where H averages, "
+            "over the student's layers and the distilled positions, the distance between each student layer's output "
+            "and the output of the teacher layer it is mapped to (layer_map). Needs equal hidden sizes (a student cut "
+            "or depth-pruned from the teacher) and a live teacher. 0 turns it off."
+        },
+    )
+    hidden_loss_type: str = field(
+        default="mse",
+        metadata={
+            "help": "Distance of the hidden-state term, scale-free so γ = 1 suits any model: 'mse' is ‖s − t‖² / ‖t‖² "
+            "per position (relative squared error), 'cosine' is 1 − cos(s, t).",
+            "choices": list(HIDDEN_LOSS_TYPES),
+        },
+    )
+    layer_map: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "For each student layer, the index of the teacher layer whose output it learns to match. None: a "
+            "student cut or pruned from the teacher maps each layer to the one it came from (recorded in its config "
+            "as distill_source_layers); other students spread their layers uniformly over the teacher's."
+        },
+    )
     teacher_cache: str | None = field(
         default=None,
         metadata={
@@ -119,6 +144,12 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"alpha={self.alpha!r} must lie in [0, 1]: loss = alpha·KD + (1 − alpha)·CE (0 = no teacher, 1 = pure KD)."
             )
+        if not (math.isfinite(self.hidden_loss_weight) and self.hidden_loss_weight >= 0):
+            raise ValueError(f"hidden_loss_weight={self.hidden_loss_weight!r} must be a finite number >= 0 (0 turns it off).")
+        if self.hidden_loss_type not in HIDDEN_LOSS_TYPES:
+            raise ValueError(f"hidden_loss_type={self.hidden_loss_type!r}; choose one of {', '.join(HIDDEN_LOSS_TYPES)}.")
+        if isinstance(self.layer_map, str):  # from a command line: "0,3,6" or "[0, 3, 6]"
+            self.layer_map = [int(i) for i in self.layer_map.strip("[] ").split(",") if i.strip()]
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size} must be a positive number of positions (or None for auto).")
         if isinstance(self.teacher_model_init_kwargs, str):

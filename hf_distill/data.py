@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+from transformers.utils import logging
 
 from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -68,9 +70,6 @@ def rows_without_targets(labels_column, kind: str) -> int:
 
 def check_train_dataset(dataset, kind: str, name: str = "train_dataset") -> None:
     """Raise before training on a dataset that cannot train; warn about rows that add nothing."""
-    from transformers.utils import logging
-
-    logger = logging.get_logger(__name__)
     if dataset is None or not hasattr(dataset, "__len__"):
         return
     if len(dataset) == 0:
@@ -81,7 +80,7 @@ def check_train_dataset(dataset, kind: str, name: str = "train_dataset") -> None
     if "input_ids" not in columns:
         raise ValueError(
             f"{name} has columns {columns} but no 'input_ids'. Tokenize it first (for instance with "
-            "hf_distill.data.tokenize_dataset or dataset.map(tokenizer)), so each row has input_ids and labels."
+            "dataset.map(lambda rows: tokenizer(rows['text']), batched=True)), so each row has input_ids (and labels)."
         )
     if kind == CLASSIFICATION and "labels" not in columns and "label" not in columns:
         raise ValueError(f"{name} has columns {columns} but no 'labels' (or 'label'): a classifier needs class ids.")
@@ -99,22 +98,6 @@ def check_train_dataset(dataset, kind: str, name: str = "train_dataset") -> None
                 f"{empty} of {len(dataset)} rows of {name} have no target token (every label is -100) and add nothing "
                 "to the loss; drop them to save compute."
             )
-
-
-def causal_target_masks(labels: torch.Tensor, attention_mask: torch.Tensor | None, distill_all_tokens: bool):
-    """(targets, CE mask, KD mask) of a causal batch, shaped like its positions: position t predicts token t + 1.
-
-    The CE mask holds positions whose next label is not -100. The KD mask is the same, or with
-    `distill_all_tokens` every position whose next token is real (non-padding) text, prompt included.
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    ce_mask = targets != -100
-    if not distill_all_tokens:
-        return targets, ce_mask, ce_mask
-    if attention_mask is None:
-        attention_mask = torch.ones_like(labels)
-    next_is_text = F.pad(attention_mask[:, 1:], (0, 1), value=0).bool()
-    return targets, ce_mask, (attention_mask.bool() & next_is_text) | ce_mask
 
 
 @dataclass

@@ -1,11 +1,15 @@
-"""Loading models, checking that a teacher fits a student, and placing the teacher for inference."""
+"""Models: task kinds, loading, unwrapping, compatibility checks, students cut from a teacher, teacher placement,
+and the one definition of a batch's model inputs and target positions (used by the trainer, the cache and evaluation)."""
 
 from __future__ import annotations
 
 import copy
+from enum import Enum
 from typing import Any
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -18,7 +22,22 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-CAUSAL, SEQ2SEQ, CLASSIFICATION = "causal", "seq2seq", "classification"
+
+
+class TaskKind(str, Enum):
+    """What a model predicts, which decides how its outputs align with the labels."""
+
+    CAUSAL = "causal"  # next token: position t predicts token t + 1
+    SEQ2SEQ = "seq2seq"  # decoder positions align with the labels
+    CLASSIFICATION = "classification"  # one distribution a row
+
+    def __str__(self) -> str:
+        return self.value
+
+
+CAUSAL, SEQ2SEQ, CLASSIFICATION = TaskKind.CAUSAL, TaskKind.SEQ2SEQ, TaskKind.CLASSIFICATION
+# Batch keys that describe targets (labels, a cached teacher's entries) rather than model inputs.
+TARGET_KEYS = ("labels", "num_items_in_batch", "teacher_ids", "teacher_logprobs", "teacher_lse")
 _AUTO_CLASSES = {
     CAUSAL: AutoModelForCausalLM,
     SEQ2SEQ: AutoModelForSeq2SeqLM,
@@ -26,7 +45,7 @@ _AUTO_CLASSES = {
 }
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The transformers model under PEFT / DDP / compile wrappers."""
     while True:
         if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
@@ -39,7 +58,7 @@ def _unwrap(model):
             return model
 
 
-def kind_of_config(config) -> str:
+def kind_of_config(config) -> TaskKind:
     if getattr(config, "is_encoder_decoder", False):
         return SEQ2SEQ
     architectures = getattr(config, "architectures", None) or []
@@ -48,9 +67,9 @@ def kind_of_config(config) -> str:
     return CAUSAL
 
 
-def model_kind(model) -> str:
+def model_kind(model) -> TaskKind:
     """'causal', 'seq2seq' or 'classification', from the model's class (not its checkpoint)."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     name = type(inner).__name__
     if name.endswith("ForSequenceClassification"):
         return CLASSIFICATION
@@ -96,7 +115,7 @@ def load_tokenizer_if_any(name_or_path: str):
 
 def output_size(model) -> int:
     """Size of the model's output distribution: the vocabulary (LMs) or the number of classes (classifiers)."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     if model_kind(inner) == CLASSIFICATION:
         return inner.config.num_labels
     head = inner.get_output_embeddings()
@@ -108,7 +127,7 @@ def output_size(model) -> int:
 def check_compatible(student, teacher) -> None:
     """Raise if the teacher cannot be compared with the student position by position."""
     student_kind, teacher_kind = model_kind(student), model_kind(teacher)
-    student_name, teacher_name = type(_unwrap(student)).__name__, type(_unwrap(teacher)).__name__
+    student_name, teacher_name = type(unwrap_model(student)).__name__, type(unwrap_model(teacher)).__name__
     if student_kind != teacher_kind:
         raise ValueError(
             f"The teacher is a {teacher_kind} model ({teacher_name}) but the student is a {student_kind} model "
@@ -153,6 +172,96 @@ def check_tokenizers(student_tokenizer, teacher_tokenizer, shared_rows: int) -> 
             f"The tokenizers have {len(student_tokens)} tokens but the smaller model has only {shared_rows} output rows; "
             "resize its embeddings (model.resize_token_embeddings(len(tokenizer))) before distilling."
         )
+
+
+# ---- a batch's inputs and targets -----------------------------------------------------------------
+
+
+def model_inputs(model, batch: dict[str, Any], kind: TaskKind, own_decoder_inputs: bool = False) -> dict[str, Any]:
+    """The forward arguments of `model`: the batch less its targets.
+
+    A seq2seq decoder starts from its own right-shifted labels when the batch has no `decoder_input_ids`,
+    or always with `own_decoder_inputs` (a teacher may use another decoder start token than the student).
+    """
+    inputs = {key: value for key, value in batch.items() if key not in TARGET_KEYS}
+    if kind == SEQ2SEQ and (own_decoder_inputs or "decoder_input_ids" not in inputs):
+        inputs["decoder_input_ids"] = unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    return inputs
+
+
+def target_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None, kind: TaskKind, distill_all_tokens: bool = False):
+    """(targets, CE mask, KD mask), each shaped like the model's output positions.
+
+    Causal: position t is trained on token t + 1, so labels are shifted left; the CE mask holds positions
+    whose next label is not -100, and the KD mask the same, or with `distill_all_tokens` every position
+    whose next token is real (non-padding) text, prompt included. Seq2seq: decoder positions align with
+    the labels. Classifiers: one position a row.
+    """
+    if kind != CAUSAL:
+        ce_mask = labels != -100
+        return labels, ce_mask, ce_mask
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    ce_mask = targets != -100
+    if not distill_all_tokens:
+        return targets, ce_mask, ce_mask
+    if attention_mask is None:
+        attention_mask = torch.ones_like(labels)
+    next_is_text = F.pad(attention_mask[:, 1:], (0, 1), value=0).bool()
+    return targets, ce_mask, (attention_mask.bool() & next_is_text) | ce_mask
+
+
+# ---- students cut from a teacher --------------------------------------------------------------------
+
+
+def layer_stack(model) -> nn.ModuleList:
+    """The ModuleList holding a model's repeated blocks (the decoder layers of a causal LM)."""
+    count = model.config.get_text_config().num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"Cannot find the {count} layers of {type(model).__name__} to cut a student from.")
+
+
+def student_from_teacher(teacher, layers: list[int] | None = None):
+    """A copy of the teacher keeping only `layers` (default: every other one, the last included).
+
+    The kept teacher layers are recorded in the student's config as `distill_source_layers`, so a
+    hidden-state loss can map each student layer to the teacher layer it came from.
+    """
+    if getattr(teacher.config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"student_init=from_teacher cuts the layer stack of a causal LM or an encoder classifier; "
+            f"{type(teacher).__name__} has two stacks. Give a smaller seq2seq student with student_model_name_or_path."
+        )
+    total = len(layer_stack(teacher))
+    if layers is None:
+        layers = sorted(set(list(range(0, total, 2)) + [total - 1]))
+    bad = [i for i in layers if not -total <= i < total]
+    if bad or not layers:
+        raise ValueError(f"student_layers={layers} must be indices of the teacher's {total} layers (0..{total - 1}).")
+    layers = [i % total for i in layers]
+    student = copy.deepcopy(teacher)
+    blocks = layer_stack(student)
+    kept = [blocks[i] for i in layers]
+    blocks._modules.clear()
+    for new_index, block in enumerate(kept):
+        blocks.append(block)
+        for module in block.modules():  # attention caches are indexed by layer
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    config = student.config.get_text_config()
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    source = getattr(teacher.config, "distill_source_layers", None)  # a student cut from a student keeps the chain
+    student.config.distill_source_layers = [source[i] if source else i for i in layers]
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    student.train()
+    return student
+
+
+# ---- the teacher ----------------------------------------------------------------------------------
 
 
 def freeze(model) -> None:

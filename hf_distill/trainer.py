@@ -3,37 +3,46 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from datasets import concatenate_datasets
 from transformers import PreTrainedModel, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
-from .cache import CACHE_COLUMNS, CacheSettings, CachedTeacher, load_cache
-from .chunked import LossSettings, PositionTargets, blended_loss, chunked_blended_loss, default_chunk_size
+from .cache import CACHE_COLUMNS, CacheSettings, load_cache
 from .config import DistillationConfig
-from .data import CachedTeacherCollator, causal_target_masks, check_train_dataset, default_collator
+from .data import CachedTeacherCollator, check_train_dataset, default_collator
+from .loss import (
+    CachedTeacher,
+    DistillationLoss,
+    StudentOutput,
+    TeacherHidden,
+    TeacherLogits,
+    TeacherOutput,
+    default_layer_map,
+)
+from .model_card import distillation_model_card
 from .modeling import (
     CAUSAL,
     CLASSIFICATION,
     SEQ2SEQ,
-    _unwrap,
     check_compatible,
     check_tokenizers,
     load_model,
     load_tokenizer_if_any,
+    model_inputs,
     model_kind,
     output_size,
     prepare_teacher,
+    target_positions,
+    unwrap_model,
 )
 
 logger = logging.get_logger(__name__)
-
-# Batch keys that describe targets rather than model inputs.
-_TARGET_KEYS = ("labels", "num_items_in_batch", *CACHE_COLUMNS)
 
 
 class DistillationTrainer(Trainer):
@@ -41,9 +50,10 @@ class DistillationTrainer(Trainer):
 
     Each step runs the student, then the teacher under `torch.no_grad()` on the same batch, aligns their
     outputs (causal: position t predicts token t+1; seq2seq: decoder positions and labels; classifiers:
-    one distribution a row), and minimises `alpha · KD + (1 − alpha) · CE` over the target tokens, each
-    term averaged over the targets of the whole accumulated (and, by default, multi-process) batch.
-    `kd_loss` and `ce_loss` are logged beside `loss`, in training and evaluation.
+    one distribution a row), and minimises `alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H` over the
+    target tokens, each term averaged over the targets of the whole accumulated (and, by default,
+    multi-process) batch. `kd_loss`, `ce_loss` (and `hidden_loss`) are logged beside `loss`, in training and
+    evaluation.
 
     Args:
         model: the student, a `PreTrainedModel` or a Hub id / local path.
@@ -74,44 +84,18 @@ class DistillationTrainer(Trainer):
         peft_config=None,
         **kwargs,
     ):
-        if args is None:
-            args = DistillationConfig(output_dir="tmp_trainer")
-        elif not isinstance(args, DistillationConfig):
-            raise TypeError(
-                f"args is a {type(args).__name__}; DistillationTrainer needs a DistillationConfig (a TrainingArguments "
-                "subclass with the distillation settings): DistillationConfig(output_dir=..., alpha=..., ...)."
-            )
+        args = _check_args(args)
         if model is None:
             raise ValueError("DistillationTrainer needs a student model (a PreTrainedModel or a path).")
-        if isinstance(model, str):
-            model = load_model(model)
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None and args.teacher_cache is None:
-            raise ValueError(
-                "DistillationTrainer needs a teacher: pass teacher_model=..., set teacher_model_name_or_path, or "
-                "train from an offline cache with teacher_cache=..."
-            )
-        if isinstance(teacher_model, str):
-            if teacher_processing_class is None:
-                teacher_processing_class = load_tokenizer_if_any(teacher_model)
-            teacher_model = load_model(teacher_model, **(args.teacher_model_init_kwargs or {}))
-
+        model = load_model(model) if isinstance(model, str) else model
         self.task_kind = model_kind(model)
-        if teacher_model is not None:
-            check_compatible(model, teacher_model)
-            if processing_class is not None and teacher_processing_class is not None and self.task_kind != CLASSIFICATION:
-                check_tokenizers(
-                    processing_class, teacher_processing_class, min(output_size(model), output_size(teacher_model))
-                )
-        if self.task_kind != CAUSAL and args.distill_all_tokens:
-            logger.warning("distill_all_tokens applies to causal LMs only; distilling on the labels.")
-
+        teacher_model = self._load_teacher(model, teacher_model, args, processing_class, teacher_processing_class)
+        self.layer_map = self._resolve_layer_map(model, teacher_model, args)
         if peft_config is not None:
-            from peft import get_peft_model
+            from peft import get_peft_model  # optional dependency
 
             model = get_peft_model(model, peft_config)
-        if data_collator is None:
-            data_collator = default_collator(self.task_kind, processing_class)
+        data_collator = data_collator or default_collator(self.task_kind, processing_class)
         check_train_dataset(train_dataset, self.task_kind)
         self.cache_info = None
         if args.teacher_cache is not None:
@@ -126,25 +110,67 @@ class DistillationTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
-        # The student's loss is computed here, never inside its forward.
-        self.model_accepts_loss_kwargs = False
+        self.model_accepts_loss_kwargs = False  # the student's loss is computed here, never inside its forward
         self.teacher_model = None if teacher_model is None else prepare_teacher(teacher_model, self.accelerator)
-        self.loss_settings = LossSettings(
-            args.loss_type, args.temperature, args.beta, args.skew, args.teacher_cache_tail, compile=args.compile_loss
-        )
+        self.loss_fn = DistillationLoss.from_config(args)
         self._use_chunks: dict[str, bool] = {}  # decided per model on the first batch
         self._metric_sums = {"train": None, "eval": None}
         if teacher_model is not None:
-            self.teacher_name = getattr(_unwrap(teacher_model).config, "_name_or_path", None) or type(_unwrap(teacher_model)).__name__
+            inner = unwrap_model(teacher_model)
+            self.teacher_name = getattr(inner.config, "_name_or_path", None) or type(inner).__name__
         else:
             self.teacher_name = self.cache_info.get("teacher_name") or "cached teacher"
-        self.evaluation_table: str | None = None  # set by recipe runs; goes into the model card
-        self.dataset_name: str | None = None
+
+    # ---- setup --------------------------------------------------------------------------------------
+
+    def _load_teacher(self, student, teacher, args, processing_class, teacher_processing_class):
+        """The teacher model (loaded from its path if need be) after checking it fits the student; None with a cache."""
+        teacher = teacher if teacher is not None else args.teacher_model_name_or_path
+        if teacher is None and args.teacher_cache is None:
+            raise ValueError(
+                "DistillationTrainer needs a teacher: pass teacher_model=..., set teacher_model_name_or_path, or "
+                "train from an offline cache with teacher_cache=..."
+            )
+        if isinstance(teacher, str):
+            teacher_processing_class = teacher_processing_class or load_tokenizer_if_any(teacher)
+            teacher = load_model(teacher, **(args.teacher_model_init_kwargs or {}))
+        if teacher is not None:
+            check_compatible(student, teacher)
+            if processing_class is not None and teacher_processing_class is not None and self.task_kind != CLASSIFICATION:
+                check_tokenizers(processing_class, teacher_processing_class, min(output_size(student), output_size(teacher)))
+        if self.task_kind != CAUSAL and args.distill_all_tokens:
+            logger.warning("distill_all_tokens applies to causal LMs only; distilling on the labels.")
+        return teacher
+
+    def _resolve_layer_map(self, student, teacher, args) -> list[int] | None:
+        """For each student layer, the teacher layer whose output it matches (None without a hidden-state term)."""
+        if not args.hidden_loss_weight:
+            return None
+        if teacher is None:
+            raise ValueError(
+                "hidden_loss_weight > 0 needs the teacher's hidden states, which an offline teacher_cache does not hold; "
+                "train with a live teacher or set hidden_loss_weight=0."
+            )
+        s_config, t_config = unwrap_model(student).config.get_text_config(), unwrap_model(teacher).config.get_text_config()
+        n_student, n_teacher = _num_layers(s_config, self.task_kind), _num_layers(t_config, self.task_kind)
+        layer_map = args.layer_map or default_layer_map(
+            n_student, n_teacher, getattr(unwrap_model(student).config, "distill_source_layers", None)
+        )
+        if len(layer_map) != n_student or not all(0 <= i < n_teacher for i in layer_map):
+            raise ValueError(
+                f"layer_map={layer_map} must give one teacher layer (0..{n_teacher - 1}) for each of the student's "
+                f"{n_student} layers."
+            )
+        if s_config.hidden_size != t_config.hidden_size:
+            raise ValueError(
+                f"hidden_loss_weight > 0 compares hidden states, but the student's hidden size is {s_config.hidden_size} "
+                f"and the teacher's {t_config.hidden_size}. Use a student cut or depth-pruned from the teacher "
+                "(student_init: from_teacher / student_num_layers), or set hidden_loss_weight=0."
+            )
+        return list(layer_map)
 
     def _attach_cache(self, args, train_dataset, data_collator, processing_class):
         """Join the cached teacher entries to the training rows (checked to be built for exactly these rows)."""
-        from datasets import concatenate_datasets
-
         if self.task_kind != CAUSAL:
             raise ValueError(f"teacher_cache works with causal LMs; this student is a {self.task_kind} model.")
         if processing_class is None:
@@ -160,21 +186,9 @@ class DistillationTrainer(Trainer):
 
     # ---- targets ------------------------------------------------------------------------------------
 
-    def _position_masks(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(targets, CE mask, KD mask), each shaped like the student's output positions.
-
-        Causal: position t is trained on token t+1, so labels are shifted left. Seq2seq: decoder
-        positions align with labels. Classifiers: one position a row.
-        """
-        labels = inputs["labels"]
-        if self.task_kind != CAUSAL:
-            ce_mask = labels != -100
-            return labels, ce_mask, ce_mask
-        return causal_target_masks(labels, inputs.get("attention_mask"), self.args.distill_all_tokens)
-
-    def _target_counts(self, inputs: dict[str, Any]) -> torch.Tensor:
-        _, ce_mask, kd_mask = self._position_masks(inputs)
-        return torch.stack([ce_mask.sum(), kd_mask.sum()])
+    def _target_positions(self, inputs: dict[str, Any]):
+        """(targets, CE mask, KD mask), shaped like the student's output positions."""
+        return target_positions(inputs["labels"], inputs.get("attention_mask"), self.task_kind, self.args.distill_all_tokens)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch the micro-batches of one optimizer step and count their targets (CE, KD) over all of them.
@@ -190,25 +204,92 @@ class DistillationTrainer(Trainer):
                 break
         if not batch_samples or "labels" not in batch_samples[0]:
             return batch_samples, None
-        counts = sum(self._target_counts(batch) for batch in batch_samples).to(device)
+        counts = sum(torch.stack([m.sum() for m in self._target_positions(b)[1:]]) for b in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = self.accelerator.gather(counts[None]).sum(0)
         return batch_samples, counts
 
     # ---- the loss -----------------------------------------------------------------------------------
 
-    def _model_inputs(self, model, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The forward arguments of `model`: the batch less its targets; seq2seq decoders get their own start."""
-        kwargs = {key: value for key, value in inputs.items() if key not in _TARGET_KEYS}
-        if self.task_kind == SEQ2SEQ and (model is self.teacher_model or "decoder_input_ids" not in kwargs):
-            kwargs["decoder_input_ids"] = _unwrap(model).prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
-        return kwargs
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H over the target positions.
+
+        `num_items_in_batch` holds the (CE, KD) target counts of the whole accumulated batch, from
+        `get_batch_samples`; without it (evaluation) the counts of this batch are used.
+        """
+        mode = "train" if model.training else "eval"
+        targets, ce_mask, kd_mask = self._target_positions(inputs)
+        select = ce_mask | kd_mask
+        across_processes = torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2
+        counts = num_items_in_batch if across_processes else torch.stack([ce_mask.sum(), kd_mask.sum()])
+        n_ce, n_kd = (int(c) for c in counts)
+        if n_ce == 0 and n_kd == 0:
+            logger.warning(
+                f"Step {self.state.global_step}: the batch has no target token (every label is -100, e.g. prompt-only "
+                "rows), so it is skipped. Drop such rows from the dataset."
+            )
+        positions = self.loss_fn.positions(targets[select], kd_mask[select], ce_mask[select], n_kd, n_ce)
+
+        outputs, student = self._run_student(model, inputs, select)
+        teacher = self._run_teacher(inputs, select) if self._needs_teacher(mode, select) else None
+        result = self.loss_fn(student, teacher, positions)
+
+        self._check_finite(result)
+        self._record(mode, result, kd_mask.sum() if teacher is not None else 0, ce_mask.sum())
+        loss = result.loss
+        if across_processes and mode == "train" and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _needs_teacher(self, mode: str, select: torch.Tensor) -> bool:
+        """Training with alpha = 0 and no hidden-state term never runs the teacher; evaluation always reports KD."""
+        wanted = self.args.alpha > 0 or self.args.hidden_loss_weight > 0 or mode == "eval"
+        return wanted and bool(select.any()) and (self.teacher_model is not None or self.cache_info is not None)
+
+    def _run_student(self, model, inputs, select) -> tuple[Any, StudentOutput]:
+        chunked = self._chunking_works("student", model, inputs)
+        outputs = self._forward(model, inputs, chunked)
+        layers = self._layer_outputs(outputs, [i for i in range(len(self.layer_map or []))], select)
+        if chunked:
+            head = unwrap_model(model).get_output_embeddings()
+            return outputs, StudentOutput(hidden=outputs.hidden_states[-1][select], head=head, layers=layers)
+        return outputs, StudentOutput(logits=outputs.logits[select], layers=layers)
+
+    @torch.no_grad()
+    def _run_teacher(self, inputs, select) -> TeacherOutput:
+        if self.cache_info is not None:
+            return TeacherOutput(self._cached_teacher(inputs, select))
+        chunked = self._chunking_works("teacher", self.teacher_model, inputs)
+        outputs = self._forward(self.teacher_model, inputs, chunked, own_decoder_inputs=True)
+        layers = self._layer_outputs(outputs, self.layer_map or [], select)
+        if chunked:
+            head = unwrap_model(self.teacher_model).get_output_embeddings()
+            return TeacherOutput(TeacherHidden(outputs.hidden_states[-1][select], head), layers)
+        return TeacherOutput(TeacherLogits(outputs.logits[select]), layers)
+
+    def _forward(self, model, inputs, chunked: bool, own_decoder_inputs: bool = False):
+        """Run a model; when chunking, it returns the last position's logits only (the loss projects the rest)."""
+        kwargs = model_inputs(model, inputs, self.task_kind, own_decoder_inputs)
+        if chunked:
+            kwargs["logits_to_keep"] = 1
+        if chunked or self.layer_map:
+            kwargs["output_hidden_states"] = True
+        return model(**kwargs)
+
+    def _layer_outputs(self, outputs, layers: list[int], select) -> list[torch.Tensor]:
+        """The outputs of `layers` (0-based block indices) at the selected positions."""
+        if not layers:
+            return []
+        states = outputs.decoder_hidden_states if self.task_kind == SEQ2SEQ else outputs.hidden_states
+        if self.task_kind == CLASSIFICATION:  # one position a row: the first token's state
+            return [states[i + 1][:, 0][select] for i in layers]
+        return [states[i + 1][select] for i in layers]
 
     def _chunking_works(self, name: str, model, inputs: dict[str, Any]) -> bool:
         """Whether `model`'s logits equal its linear head applied to its last hidden states (checked once)."""
         if name in self._use_chunks:
             return self._use_chunks[name]
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         head = inner.get_output_embeddings()
         sharded = self.is_fsdp_enabled or is_deepspeed_zero3_enabled()  # the head's weight is not whole here
         works = (
@@ -220,9 +301,8 @@ class DistillationTrainer(Trainer):
         )
         if works:
             with torch.no_grad():
-                out = self.accelerator.unwrap_model(model)(
-                    **self._model_inputs(model, inputs), logits_to_keep=1, output_hidden_states=True
-                )
+                kwargs = model_inputs(model, inputs, self.task_kind)
+                out = self.accelerator.unwrap_model(model)(**kwargs, logits_to_keep=1, output_hidden_states=True)
                 projected = head(out.hidden_states[-1][:, -1])
                 works = torch.allclose(out.logits[:, -1].float(), projected.float(), rtol=1e-3, atol=1e-3, equal_nan=True)
             if not works:
@@ -233,83 +313,6 @@ class DistillationTrainer(Trainer):
         self._use_chunks[name] = works
         return works
 
-    def _run(self, name: str, model, inputs: dict[str, Any], select: torch.Tensor):
-        """Run a model; return its logits at the selected positions, or (hidden states, head) when chunking."""
-        kwargs = self._model_inputs(model, inputs)
-        if self.task_kind == CAUSAL and self._chunking_works(name, model, inputs):
-            # Logits of the last position only (B × V, negligible); the loss projects the hidden states itself.
-            outputs = model(**kwargs, logits_to_keep=1, output_hidden_states=True)
-            return outputs, outputs.hidden_states[-1][select], _unwrap(model).get_output_embeddings()
-        outputs = model(**kwargs)
-        return outputs, outputs.logits[select], None
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """alpha · KD + (1 − alpha) · CE over the target positions.
-
-        `num_items_in_batch` holds the (CE, KD) target counts of the whole accumulated batch, from
-        `get_batch_samples`; without it (evaluation) the counts of this batch are used.
-        """
-        mode = "train" if model.training else "eval"
-        targets, ce_mask2d, kd_mask2d = self._position_masks(inputs)
-        select = ce_mask2d | kd_mask2d
-        if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2:
-            counts = num_items_in_batch
-            distributed_counts = self.args.average_tokens_across_devices and self.args.world_size > 1
-        else:
-            counts, distributed_counts = torch.stack([ce_mask2d.sum(), kd_mask2d.sum()]), False
-        n_ce, n_kd = (int(c) for c in counts)
-        if n_ce == 0 and n_kd == 0:
-            logger.warning(
-                f"Step {self.state.global_step}: the batch has no target token (every label is -100, e.g. prompt-only "
-                "rows), so it is skipped. Drop such rows from the dataset."
-            )
-        alpha = self.args.alpha
-        want_kd = (alpha > 0 or mode == "eval") and bool(select.any())
-        positions = PositionTargets(
-            targets=targets[select],
-            kd_mask=kd_mask2d[select],
-            ce_mask=ce_mask2d[select],
-            kd_scale=alpha / max(n_kd, 1),
-            ce_scale=(1 - alpha) / max(n_ce, 1),
-        )
-
-        outputs, student_out, student_head = self._run("student", model, inputs, select)
-        teacher_out = teacher_head = None
-        if want_kd and "teacher_ids" in inputs:
-            teacher_out = self._cached_teacher(inputs, select)
-        elif want_kd and self.teacher_model is not None:
-            with torch.no_grad():
-                _, teacher_out, teacher_head = self._run("teacher", self.teacher_model, inputs, select)
-        if teacher_out is not None and teacher_head is None and student_head is not None:
-            teacher_head = nn.Identity()  # logits or cached entries: the chunk loop only slices them
-        ran_teacher = teacher_out is not None
-
-        if student_head is not None:
-            loss, kd_sum, ce_sum = chunked_blended_loss(
-                student_out,
-                student_head.weight,
-                student_head.bias,
-                teacher_out,
-                teacher_head,
-                positions,
-                self.loss_settings,
-                self.args.chunk_size
-                or default_chunk_size(student_head.weight.shape[0], device_type=student_head.weight.device.type),
-            )
-        else:
-            if teacher_head is not None:  # chunked teacher, unchunked student: project the teacher whole
-                with torch.no_grad():
-                    teacher_out = teacher_head(teacher_out)
-            loss, kd_sum, ce_sum = blended_loss(student_out, teacher_out, positions, self.loss_settings)
-        # Keep the student in the graph when no position is selected, so distributed backward stays in step.
-        loss = loss + 0.0 * student_out.sum()
-
-        self._check_finite(loss, kd_sum, ce_sum, alpha)
-        self._record(mode, kd_sum, ce_sum, kd_mask2d.sum() if ran_teacher else 0, ce_mask2d.sum())
-        if distributed_counts and mode == "train":
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-        return (loss, outputs) if return_outputs else loss
-
     def _cached_teacher(self, inputs, select) -> CachedTeacher:
         cached = CachedTeacher(inputs["teacher_ids"], inputs["teacher_logprobs"], inputs["teacher_lse"])
         if len(cached) != int(select.sum()):
@@ -319,18 +322,22 @@ class DistillationTrainer(Trainer):
             )
         return cached
 
-    def _check_finite(self, loss, kd_sum, ce_sum, alpha) -> None:
-        if torch.isfinite(loss):
+    def _check_finite(self, result) -> None:
+        if torch.isfinite(result.loss):
             return
-        term = "the distillation term (kd_loss)" if not torch.isfinite(kd_sum) and alpha > 0 else "the student's CE loss"
+        term = "the distillation term (kd_loss)" if not torch.isfinite(result.kd_sum) and self.args.alpha > 0 else (
+            "the hidden-state term (hidden_loss)" if not torch.isfinite(result.hidden_sum) else "the student's CE loss"
+        )
         raise FloatingPointError(
-            f"The loss is {loss.item()} at step {self.state.global_step}: {term} is not finite. Causes: a teacher in "
-            "float16 overflowing (load it with teacher_model_init_kwargs={'dtype': 'bfloat16'} or float32), a "
+            f"The loss is {result.loss.item()} at step {self.state.global_step}: {term} is not finite. Causes: a teacher "
+            "in float16 overflowing (load it with teacher_model_init_kwargs={'dtype': 'bfloat16'} or float32), a "
             "learning rate too high for the student, or NaN/inf in the inputs. Training stopped before applying it."
         )
 
-    def _record(self, mode, kd_sum, ce_sum, n_kd, n_ce) -> None:
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=kd_sum.device) for v in (kd_sum, ce_sum, n_kd, n_ce)])
+    def _record(self, mode, result, n_kd, n_ce) -> None:
+        sums = (result.kd_sum, result.ce_sum, result.hidden_sum, n_kd, n_ce)
+        device = result.kd_sum.device
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in sums])
         if self.args.world_size > 1:
             values = self.accelerator.gather(values[None]).sum(0)
         current = self._metric_sums[mode]
@@ -345,17 +352,19 @@ class DistillationTrainer(Trainer):
             loss = self.compute_loss(model, inputs).detach()
             if prediction_loss_only:
                 return loss, None, None
-            logits = model(**self._model_inputs(model, inputs)).logits.detach()
+            logits = model(**model_inputs(model, inputs, self.task_kind)).logits.detach()
         return loss, logits, inputs.get("labels")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._metric_sums[mode]
         if sums is not None:
-            kd_sum, ce_sum, n_kd, n_ce = sums.tolist()
+            kd_sum, ce_sum, hidden_sum, n_kd, n_ce = sums.tolist()
             prefix = "eval_" if mode == "eval" else ""
             if n_kd > 0:
                 logs[f"{prefix}kd_loss"] = round(kd_sum / n_kd, 6)
+                if self.layer_map:
+                    logs[f"{prefix}hidden_loss"] = round(hidden_sum / n_kd, 6)
             if n_ce > 0:
                 logs[f"{prefix}ce_loss"] = round(ce_sum / n_ce, 6)
             self._metric_sums[mode] = None
@@ -363,28 +372,48 @@ class DistillationTrainer(Trainer):
 
     # ---- export -------------------------------------------------------------------------------------
 
-    def create_model_card(self, model_name: str | None = None, dataset: str | None = None, license: str | None = None, **kwargs):
-        """Write README.md in `output_dir`: how the student was distilled, and the evaluation table if known."""
-        import os
-
-        from .runner.report import model_card
-
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset: str | None = None,
+        license: str | None = None,
+        evaluation_table: str | None = None,
+        **kwargs,
+    ):
+        """Write README.md in `output_dir`: how the student was distilled, and the evaluation table if given."""
         if not self.is_world_process_zero():
             return
-        student = _unwrap(self.model)
+        student = unwrap_model(self.model)
         info = {
             "teacher": self.teacher_name,
             "student": getattr(student.config, "_name_or_path", None) or type(student).__name__,
-            "task": self.task_kind,
-            "dataset": dataset or self.dataset_name,
+            "task": str(self.task_kind),
+            "dataset": dataset,
             "steps": self.state.global_step,
             "repo_id": getattr(self, "hub_model_id", None) or model_name,
             "license": license,
             **{key: getattr(self.args, key) for key in (
-                "loss_type", "temperature", "alpha", "beta", "skew", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "learning_rate",
+                "loss_type", "temperature", "alpha", "beta", "skew", "hidden_loss_weight",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
             )},
         }
         os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(model_card(info, self.evaluation_table))
+        distillation_model_card(info, evaluation_table).save(os.path.join(self.args.output_dir, "README.md"))
+
+
+def _check_args(args) -> DistillationConfig:
+    if args is None:
+        return DistillationConfig(output_dir="tmp_trainer")
+    if not isinstance(args, DistillationConfig):
+        raise TypeError(
+            f"args is a {type(args).__name__}; DistillationTrainer needs a DistillationConfig (a TrainingArguments "
+            "subclass with the distillation settings): DistillationConfig(output_dir=..., alpha=..., ...)."
+        )
+    return args
+
+
+def _num_layers(config, kind) -> int:
+    """The number of blocks whose outputs the hidden-state term compares (the decoder's for seq2seq)."""
+    if kind == SEQ2SEQ:
+        return getattr(config, "num_decoder_layers", None) or config.num_hidden_layers
+    return config.num_hidden_layers

@@ -9,20 +9,17 @@ import pytest
 import torch
 
 from hf_distill import LOSS_TYPES, distillation_loss
-from hf_distill.cache import (
-    bytes_per_token,
-    build_cache,
-    cached_token_divergence,
-    default_top_k,
-    load_cache,
-    CacheSettings,
-    top_k_entries,
-)
+from hf_distill.cache import CacheSettings, build_cache, bytes_per_token, default_top_k, load_cache
+from hf_distill.loss import CachedTeacher, token_divergence, top_k_entries
 
 from conftest import prompt_response_dataset
 from test_trainer import config
 
 from hf_distill import DistillationTrainer
+
+
+def cached_token_divergence(student, ids, logprobs, lse, tail="bucket", **options):
+    return token_divergence(student, CachedTeacher(ids, logprobs, lse), cache_tail=tail, **options)
 
 
 def numpy_bucketed_forward_kl(student, teacher, k, temperature):
@@ -187,7 +184,7 @@ def test_cache_tail_setting_reaches_the_loss(tmp_path, cache_setup):
     for tail in ("bucket", "renormalize"):
         args = config(tmp_path / tail, max_steps=1, per_device_train_batch_size=4, teacher_cache=str(path), teacher_cache_tail=tail)
         trainer = DistillationTrainer(model=copy.deepcopy(student), args=args, train_dataset=dataset, processing_class=tokenizer)
-        assert trainer.loss_settings.cache_tail == tail
+        assert trainer.loss_fn.settings.cache_tail == tail
         trainer.train()
         first_kd[tail] = trainer.state.log_history[0]["kd_loss"]
     assert first_kd["bucket"] != pytest.approx(first_kd["renormalize"], rel=1e-3)

@@ -21,13 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_distill import LOSS_TYPES
-from hf_distill.cache import CachedTeacher, top_k_entries
-from hf_distill.chunked import (
+from hf_distill.loss import (
+    CachedTeacher,
     LossSettings,
     PositionTargets,
+    TeacherHidden,
+    TeacherLogits,
     blended_loss,
     chunked_blended_loss,
     default_chunk_size,
+    top_k_entries,
 )
 
 N, D, D_TEACHER, V = 11, 6, 5, 13
@@ -95,6 +98,15 @@ def leaves(*tensors):
     return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
 
 
+def as_teacher(teacher_hidden, teacher_head):
+    """The chunked loss's typed teacher for a (hidden, head) pair of these tests."""
+    if teacher_hidden is None or isinstance(teacher_hidden, CachedTeacher):
+        return teacher_hidden
+    if isinstance(teacher_head, nn.Identity):
+        return TeacherLogits(teacher_hidden)
+    return TeacherHidden(teacher_hidden, teacher_head)
+
+
 def forward_context(bf16_autocast: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16_autocast else contextlib.nullcontext()
 
@@ -121,7 +133,7 @@ def run_chunked(
 ):
     h, w, b = leaves(hidden, weight, bias)
     with forward_context(bf16_autocast):
-        loss, kd, ce = chunked_blended_loss(h, w, b, teacher_hidden, teacher_head, positions, settings, chunk_size)
+        loss, kd, ce = chunked_blended_loss(h, w, b, as_teacher(teacher_hidden, teacher_head), positions, settings, chunk_size)
     (loss * upstream).backward()
     return (loss, kd, ce), (h.grad, w.grad, None if b is None else b.grad)
 
@@ -266,7 +278,7 @@ def test_frozen_head_gives_no_weight_or_bias_gradient():
     settings = settings_for("forward_kl", 1.0)
     reference = run_reference(hidden, weight, bias, teacher_hidden, teacher_head, positions, settings)
     h = hidden.clone().requires_grad_(True)
-    loss, kd, ce = chunked_blended_loss(h, weight, bias, teacher_hidden, teacher_head, positions, settings, 4)
+    loss, kd, ce = chunked_blended_loss(h, weight, bias, as_teacher(teacher_hidden, teacher_head), positions, settings, 4)
     loss.backward()
     torch.testing.assert_close(loss, reference[0][0], rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(h.grad, reference[1][0], rtol=RTOL, atol=ATOL)
@@ -275,7 +287,7 @@ def test_frozen_head_gives_no_weight_or_bias_gradient():
 
 def test_sums_are_not_differentiable():
     case = make_case(seed=9)
-    _, kd, ce = chunked_blended_loss(*leaves(*case[:3]), *case[3:], make_positions(N, V, seed=10), LossSettings(), 3)
+    _, kd, ce = chunked_blended_loss(*leaves(*case[:3]), as_teacher(*case[3:]), make_positions(N, V, seed=10), LossSettings(), 3)
     assert not kd.requires_grad and not ce.requires_grad
 
 
@@ -320,7 +332,7 @@ def test_zero_positions(teacher_kind, bias):
     settings = settings_for("jsd", 2.0)
     for chunk_size in (1, 7):
         h, w, b = leaves(hidden, weight, head_bias)
-        loss, kd, ce = chunked_blended_loss(h, w, b, teacher_hidden, teacher_head, positions, settings, chunk_size)
+        loss, kd, ce = chunked_blended_loss(h, w, b, as_teacher(teacher_hidden, teacher_head), positions, settings, chunk_size)
         assert loss.item() == 0.0 and kd.item() == 0.0 and ce.item() == 0.0
         loss.backward()
         assert h.grad.shape == (0, D)
@@ -352,7 +364,7 @@ def test_zero_scale_term_is_left_out_even_if_teacher_overflowed():
 def test_chunk_size_must_be_positive():
     case = make_case(seed=18)
     with pytest.raises(ValueError, match="chunk_size"):
-        chunked_blended_loss(*case, make_positions(N, V, seed=19), LossSettings(), 0)
+        chunked_blended_loss(*case[:3], as_teacher(*case[3:]), make_positions(N, V, seed=19), LossSettings(), 0)
 
 
 def test_default_chunk_size():

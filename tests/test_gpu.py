@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_distill import DistillationTrainer
-from hf_distill.chunked import LossSettings, PositionTargets, blended_loss, chunked_blended_loss
+from hf_distill.loss import LossSettings, PositionTargets, TeacherHidden, blended_loss, chunked_blended_loss
 from hf_distill.runner.scratch import small_llama
 
 from conftest import sharpen
@@ -28,7 +28,7 @@ def test_chunked_equals_unchunked_in_bf16_on_cuda(loss_type):
     positions = PositionTargets(targets, mask, mask, 0.5 / n, 0.5 / n)
     settings = LossSettings(loss_type=loss_type, temperature=2.0)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        chunked = chunked_blended_loss(hidden, weight, None, teacher_hidden, teacher_head, positions, settings, 64)[0]
+        chunked = chunked_blended_loss(hidden, weight, None, TeacherHidden(teacher_hidden, teacher_head), positions, settings, 64)[0]
         grads_chunked = torch.autograd.grad(chunked, (hidden, weight))
         with torch.no_grad():
             teacher_logits = teacher_head(teacher_hidden)

@@ -21,7 +21,7 @@ import torch
 
 import hf_distill
 from hf_distill import LOSS_TYPES, distillation_loss
-from hf_distill.losses import cross_entropy_per_position, token_divergence
+from hf_distill.loss import cross_entropy_per_position, token_divergence
 
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
 MIXTURE_WEIGHTS = (0.0, 0.1, 0.5, 0.9, 1.0)

@@ -1,21 +1,22 @@
-"""The blended loss and its gradient w.r.t. the student's logits in closed form, for one chunk of positions.
+"""The blended loss's gradient w.r.t. the student's logits in closed form, for one chunk of positions.
 
 Autograd through `log_softmax`, masks and mixtures makes some forty passes over a (chunk, V) tensor;
 on a CPU those passes cost as much as the head's matrix products. The closed forms below make far
-fewer. With q = softmax(s / T), p the teacher's, and each row weighted by its loss scale:
+fewer. With z = s / T, q = softmax(z), p the teacher's, D the divergence (not T²-scaled; the caller's
+row weights carry T²) and each row weighted by its weight w:
 
-- forward KL, T²·KL(p‖q):        d/ds = T · (q − p)
-- reverse KL, T²·KL(q‖p):        d/ds = T · q ⊙ (log q − log p − KL(q‖p))
-- JSD, m = β·p + (1−β)·q:        d/ds = T · (1−β) · q ⊙ (log q − log m − KL(q‖m))
-- a cached teacher (any loss on probabilities): the divergence is a function of the student's bucket
+- forward KL, KL(p‖q):           d/ds = w/T · (q − p)
+- reverse KL, KL(q‖p):           d/ds = w/T · q ⊙ (log q − log p − KL(q‖p))
+- JSD, m = β·p + (1−β)·q:        d/ds = w/T · (1−β) · q ⊙ (log q − log m − KL(q‖m))
+- a cached teacher (any KL-family loss): the divergence is a function of the student's bucket
   log-probabilities (top-k, tail); autograd on those (n, k + 1) values gives G, and the softmax's
   Jacobian carries it to the logits: (G_i − q_j·ΣG) / T on the i-th top-k id j, and
   q_j · (G_tail / q_tail − ΣG) / T on every other token, a per-row scale of q.
 - CE: softmax(s) − onehot(target).
 
-Values equal `hf_distill.chunked.blended_loss`. Gradients equal autograd's except where rounding made a
+Values equal `hf_distill.loss.blended.blended_loss`. Gradients equal autograd's except where rounding made a
 KL sum negative: the value is clamped at 0 there (p ≈ q, so the gradient is ≈ 0 either way). Other
-loss types (skew KLs, tvd, mse, cosine online; mse, cosine cached) have no closed form here: the
+loss types (skew KLs, tvd, mse, cosine online; tvd, mse, cosine cached) have no closed form here: the
 caller uses autograd for them (`has_closed_form`).
 """
 
@@ -27,8 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cache import CachedTeacher, student_buckets, student_tail_log_mass, teacher_buckets, uses_tail_bucket
-from .losses import _SCALED_BY_T2, token_divergence
+from .buckets import CachedTeacher, student_buckets, student_tail_log_mass, teacher_buckets, uses_tail_bucket
+from .divergences import KL_FAMILY, probability_divergence
 
 
 def has_closed_form(teacher, settings) -> bool:
@@ -36,7 +37,7 @@ def has_closed_form(teacher, settings) -> bool:
     if teacher is None:
         return True
     if isinstance(teacher, CachedTeacher):
-        return settings.loss_type in _SCALED_BY_T2
+        return settings.loss_type in KL_FAMILY
     return settings.loss_type in ("forward_kl", "reverse_kl", "jsd")
 
 
@@ -70,7 +71,7 @@ def _online(s, teacher_logits, settings, kd_weights):
     log_p = F.log_softmax(_scaled(teacher_logits[:, :vocab].float(), temperature), dim=-1)
     q = log_q.exp()
     grad = None
-    scale = None if kd_weights is None else (kd_weights * temperature)[:, None]
+    scale = None if kd_weights is None else (kd_weights / temperature)[:, None]
     if loss_type == "forward_kl":
         p = log_p.exp()
         value = _kl_terms_(p, log_p.sub_(log_q)).sum(-1).clamp_min(0.0)
@@ -90,7 +91,7 @@ def _online(s, teacher_logits, settings, kd_weights):
         value = beta * to_p + (1 - beta) * to_q.clamp_min(0.0)
         if scale is not None:
             grad = q_log_ratio.sub_(to_q[:, None]).mul_(q).masked_fill_(q == 0, 0.0).mul_(scale * (1 - beta))
-    return value * temperature**2, grad, log_q, q
+    return value, grad, log_q, q
 
 
 # Below this student tail mass (float32 tail probabilities may be subnormal or 0) the tail's log-mass and its
@@ -125,14 +126,9 @@ def _cached(s, teacher: CachedTeacher, settings, kd_weights, ce_weights):
         top.requires_grad_(want_grad)
         if use_tail:
             tail.requires_grad_(want_grad)
-        values = token_divergence(
-            student_buckets(top, tail),
-            teacher_buckets(teacher.logprobs, use_tail),
-            loss_type=settings.loss_type,
-            temperature=1.0,
-            beta=settings.beta,
-            skew=settings.skew,
-        ) * temperature**2
+        values = probability_divergence(
+            student_buckets(top, tail), teacher_buckets(teacher.logprobs, use_tail), settings.loss_type, settings.beta, settings.skew
+        )
         if not want_grad:
             return values.detach(), None, log_norm
         weighted = torch.where(kd_weights != 0, values * kd_weights, torch.zeros_like(values)).sum()
@@ -158,10 +154,12 @@ def _cached(s, teacher: CachedTeacher, settings, kd_weights, ce_weights):
     return values.detach(), grad.scatter_(-1, ids, values_top), log_norm
 
 
-def _chunk_loss_and_grad(
+def chunk_loss_and_grad(
     student_logits, teacher, targets, kd_mask, ce_mask, kd_weights, ce_weights, settings, want_kd, want_ce, rows_left_out
 ):
-    """(Σ divergence, Σ CE, d loss / d logits in float32); `*_weights` are the loss scales on each term's rows."""
+    """(Σ divergence, Σ CE, d loss / d logits in float32); `*_weights` are the loss scales on each term's rows.
+
+    The divergence sum is not T²-scaled; `kd_weights` carry that factor into the gradient."""
     s = student_logits.float()
     n, vocab = s.shape
     temperature = settings.temperature
@@ -198,33 +196,6 @@ def _chunk_loss_and_grad(
 
 
 @functools.cache
-def _compiled_chunk_loss_and_grad():
+def compiled_chunk_loss_and_grad():
     # Fuses the elementwise passes into a few loops (inductor: C++/OpenMP on CPU, Triton on GPU).
-    return torch.compile(_chunk_loss_and_grad, dynamic=True)
-
-
-@torch.no_grad()
-def blended_loss_and_grad(student_logits, teacher, positions, settings):
-    """(loss, Σ divergence, Σ CE, d loss / d student_logits) of `blended_loss`, without autograd on (n, V) values.
-
-    Only for the cases `has_closed_form` accepts. The gradient has the logits' dtype. With
-    `settings.compile`, the math for a teacher given as logits runs through `torch.compile`.
-    """
-    want_kd = teacher is not None and positions.kd_scale != 0
-    want_ce = positions.ce_scale != 0
-    device = student_logits.device
-    kd_weights = torch.where(positions.kd_mask, positions.kd_scale, 0.0).to(device, torch.float32)
-    ce_rows = positions.ce_mask & (positions.targets != -100)
-    ce_weights = torch.where(ce_rows, positions.ce_scale, 0.0).to(device, torch.float32)
-    compiled = settings.compile and teacher is not None and not isinstance(teacher, CachedTeacher)
-    function = _compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad
-    kd_sum, ce_sum, grad = function(
-        student_logits, teacher, positions.targets, positions.kd_mask, positions.ce_mask, kd_weights, ce_weights,
-        settings, want_kd, want_ce, want_kd and not bool(positions.kd_mask.all()),
-    )
-    loss = student_logits.new_zeros((), dtype=torch.float32)
-    if want_kd:
-        loss = loss + positions.kd_scale * kd_sum
-    if want_ce:
-        loss = loss + positions.ce_scale * ce_sum
-    return loss, kd_sum, ce_sum, grad.to(student_logits.dtype)
+    return torch.compile(chunk_loss_and_grad, dynamic=True)

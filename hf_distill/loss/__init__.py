@@ -1,0 +1,25 @@
+"""The distillation loss, in one package whose modules depend one way:
+
+    objective  (DistillationLoss: the blend, built once by the trainer)
+      → blended    (alpha·KD + (1−alpha)·CE, whole or chunked; applies T²)
+          → closed_form  (chunk gradients without autograd)
+          → buckets      (divergences against a cached top-k teacher)
+              → divergences  (the math on log-probabilities)
+      → hidden     (the intermediate-layer term)
+"""
+
+from .blended import (
+    LossSettings,
+    PositionTargets,
+    TeacherHidden,
+    TeacherLogits,
+    blended_loss,
+    chunked_blended_loss,
+    default_chunk_size,
+    distillation_loss,
+    token_divergence,
+)
+from .buckets import CachedTeacher, tail_log_mass, top_k_entries
+from .divergences import LOSS_TYPES, check_loss_settings, cross_entropy_per_position
+from .hidden import HIDDEN_LOSS_TYPES, default_layer_map
+from .objective import DistillationLoss, LossOutput, StudentOutput, TeacherOutput

@@ -1,0 +1,144 @@
+"""`DistillationLoss`: the whole objective, built once from the config and called by the trainer every step.
+
+    loss = alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H
+
+KD is the divergence from the teacher's output distribution, CE the student's own loss on the labels and H
+the intermediate-layer term; each is a sum over positions divided by the target count of the whole
+accumulated batch, so gradient accumulation is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .blended import (
+    LossSettings,
+    PositionTargets,
+    Teacher,
+    TeacherHidden,
+    TeacherLogits,
+    blended_loss,
+    chunked_blended_loss,
+    default_chunk_size,
+)
+from .buckets import CachedTeacher
+from .divergences import check_loss_settings
+from .hidden import HIDDEN_LOSS_TYPES, hidden_state_sum
+
+
+@dataclass
+class StudentOutput:
+    """The student at the selected positions: logits (N, V), or final hidden states (N, D) and the linear head
+    that the chunked loss projects them with; `layers` are the mapped layers' outputs for the hidden term."""
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    head: nn.Module | None = None
+    layers: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        """A tensor of the student's graph (keeps every parameter in backward when nothing is selected)."""
+        return self.logits if self.logits is not None else self.hidden
+
+
+@dataclass
+class TeacherOutput:
+    """The teacher at the selected positions: its distribution (logits, hidden states + head, or cached
+    entries) and the outputs of the layers the student's layers are mapped to."""
+
+    distribution: Teacher
+    layers: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    kd_sum: torch.Tensor  # Σ divergence over distilled positions (detached, for logging)
+    ce_sum: torch.Tensor  # Σ CE over target positions
+    hidden_sum: torch.Tensor  # Σ hidden-state distance over distilled positions
+
+
+class DistillationLoss:
+    """alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H over selected positions.
+
+    Args:
+        loss_type, temperature, beta, skew: the divergence (see `hf_distill.distillation_loss`).
+        alpha: weight of KD in [0, 1]; CE gets 1 − alpha.
+        cache_tail: how a cached teacher's mass outside its top-k is compared ("bucket" or "renormalize").
+        chunk_size: positions per chunk of the chunked loss (None: from the vocabulary and device).
+        compile: fuse the chunk math with `torch.compile`.
+        hidden_loss_weight, hidden_loss_type: weight and distance ("mse", "cosine") of the hidden-state term.
+    """
+
+    def __init__(
+        self,
+        loss_type: str = "forward_kl",
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        skew: float = 0.1,
+        cache_tail: str = "bucket",
+        chunk_size: int | None = None,
+        compile: bool = False,
+        hidden_loss_weight: float = 0.0,
+        hidden_loss_type: str = "mse",
+    ):
+        check_loss_settings(loss_type, temperature, beta, skew)
+        if hidden_loss_type not in HIDDEN_LOSS_TYPES:
+            raise ValueError(f"hidden_loss_type={hidden_loss_type!r}; choose one of {', '.join(HIDDEN_LOSS_TYPES)}.")
+        self.settings = LossSettings(loss_type, temperature, beta, skew, cache_tail, compile=compile)
+        self.alpha = alpha
+        self.chunk_size = chunk_size
+        self.hidden_loss_weight = hidden_loss_weight
+        self.hidden_loss_type = hidden_loss_type
+
+    @classmethod
+    def from_config(cls, args) -> "DistillationLoss":
+        return cls(
+            loss_type=args.loss_type,
+            temperature=args.temperature,
+            alpha=args.alpha,
+            beta=args.beta,
+            skew=args.skew,
+            cache_tail=args.teacher_cache_tail,
+            chunk_size=args.chunk_size,
+            compile=args.compile_loss,
+            hidden_loss_weight=args.hidden_loss_weight,
+            hidden_loss_type=args.hidden_loss_type,
+        )
+
+    def positions(self, targets, kd_mask, ce_mask, n_kd: int, n_ce: int) -> PositionTargets:
+        """Targets and term scales for positions whose counts over the accumulated batch are `n_kd`, `n_ce`."""
+        n_kd, n_ce = max(n_kd, 1), max(n_ce, 1)
+        return PositionTargets(
+            targets, kd_mask, ce_mask, self.alpha / n_kd, (1 - self.alpha) / n_ce, self.hidden_loss_weight / n_kd
+        )
+
+    def __call__(self, student: StudentOutput, teacher: TeacherOutput | None, positions: PositionTargets) -> LossOutput:
+        distribution = None if teacher is None else teacher.distribution
+        if student.head is not None:
+            head = student.head
+            chunk_size = self.chunk_size or default_chunk_size(head.weight.shape[0], device_type=head.weight.device.type)
+            loss, kd_sum, ce_sum = chunked_blended_loss(
+                student.hidden, head.weight, head.bias, distribution, positions, self.settings, chunk_size
+            )
+        else:
+            if isinstance(distribution, (TeacherLogits, TeacherHidden)):  # the whole of a teacher's logits
+                distribution = distribution.rows(slice(None))
+            loss, kd_sum, ce_sum = blended_loss(student.logits, distribution, positions, self.settings)
+
+        hidden_sum = loss.new_zeros(())
+        if positions.hidden_scale and teacher is not None and teacher.layers:
+            hidden = hidden_state_sum(student.layers, teacher.layers, positions.kd_mask, self.hidden_loss_type)
+            loss = loss + positions.hidden_scale * hidden
+            hidden_sum = hidden.detach()
+        # Keep the student in the graph when no position is selected, so distributed backward stays in step.
+        loss = loss + 0.0 * student.anchor.sum()
+        return LossOutput(loss, kd_sum, ce_sum, hidden_sum)
+
+
+__all__ = ["CachedTeacher", "DistillationLoss", "LossOutput", "StudentOutput", "TeacherOutput"]
