@@ -1,0 +1,165 @@
+"""The intermediate-layer term: against a float64 reference, under accumulation, its layer map and its errors."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hf_distill import DistillationTrainer
+from hf_distill.loss import default_layer_map
+from hf_distill.modeling import student_from_teacher
+from hf_distill.runner.scratch import small_llama
+
+from conftest import prompt_response_dataset, sharpen
+from test_trainer import config
+
+
+@pytest.fixture
+def cut_pair(tokenizer):
+    """A 4-layer teacher and a student cut from its layers 0 and 3, then moved away from them."""
+    teacher = sharpen(small_llama(len(tokenizer), hidden_size=64, num_layers=4, seed=3), 5.0)
+    student = student_from_teacher(teacher, [0, 3])
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(4)
+        for parameter in student.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=gen))
+    return teacher, student
+
+
+def log_softmax64(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def reference_loss(student, teacher, batch, *, alpha, gamma, hidden_type, layer_map, temperature):
+    """alpha·T²·KL(p‖q) + (1−alpha)·CE + gamma·H in float64 NumPy, over response positions (shifted)."""
+    s64, t64 = copy.deepcopy(student).double().eval(), copy.deepcopy(teacher).double().eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        s_out = s64(**inputs, output_hidden_states=True)
+        t_out = t64(**inputs, output_hidden_states=True)
+    targets = batch["labels"][:, 1:].numpy()
+    mask = targets != -100
+    s_logits, t_logits = s_out.logits[:, :-1].numpy()[mask], t_out.logits[:, :-1].numpy()[mask]
+    log_q, log_p = log_softmax64(s_logits / temperature), log_softmax64(t_logits / temperature)
+    kd = temperature**2 * (np.exp(log_p) * (log_p - log_q)).sum(-1).mean()
+    ce = -log_softmax64(s_logits)[np.arange(mask.sum()), targets[mask]].mean()
+    distances = []
+    for i, j in enumerate(layer_map):
+        s_h, t_h = s_out.hidden_states[i + 1][:, :-1].numpy()[mask], t_out.hidden_states[j + 1][:, :-1].numpy()[mask]
+        if hidden_type == "mse":
+            distances.append(((s_h - t_h) ** 2).sum(-1) / (t_h**2).sum(-1))
+        else:
+            cos = (s_h * t_h).sum(-1) / np.linalg.norm(s_h, axis=-1) / np.linalg.norm(t_h, axis=-1)
+            distances.append(1 - cos)
+    hidden = np.mean(distances, axis=0).mean()
+    return alpha * kd + (1 - alpha) * ce + gamma * hidden, hidden
+
+
+@pytest.mark.parametrize("hidden_type", ["mse", "cosine"])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_hidden_term_matches_float64_reference(tmp_path, cut_pair, tokenizer, hidden_type, chunked):
+    teacher, student = cut_pair
+    dataset = prompt_response_dataset(tokenizer, n=8)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, train_dataset=dataset, processing_class=tokenizer,
+        args=config(tmp_path, alpha=0.3, temperature=2.0, hidden_loss_weight=2.5, hidden_loss_type=hidden_type,
+                    chunked_loss=chunked),
+    )
+    assert trainer.layer_map == [0, 3]  # from the layers the student was cut from
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        loss = trainer.compute_loss(student.eval(), batch)
+    expected, hidden = reference_loss(
+        student, teacher, batch, alpha=0.3, gamma=2.5, hidden_type=hidden_type, layer_map=[0, 3], temperature=2.0
+    )
+    assert hidden > 1e-4  # the term is really there
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert trainer._use_chunks.get("student", False) is chunked
+
+
+def test_explicit_layer_map_is_used(tmp_path, cut_pair, tokenizer):
+    teacher, student = cut_pair
+    dataset = prompt_response_dataset(tokenizer, n=8)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, train_dataset=dataset, processing_class=tokenizer,
+        args=config(tmp_path, alpha=0.0, hidden_loss_weight=1.0, layer_map=[1, 2]),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        loss = trainer.compute_loss(student.eval(), batch)
+    expected, _ = reference_loss(
+        student, teacher, batch, alpha=0.0, gamma=1.0, hidden_type="mse", layer_map=[1, 2], temperature=1.0
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_default_layer_map():
+    assert default_layer_map(2, 4) == [1, 3]  # uniform, the last on the last
+    assert default_layer_map(3, 12) == [3, 7, 11]
+    assert default_layer_map(2, 4, source_layers=[0, 2]) == [0, 2]
+
+
+def test_student_records_its_source_layers(cut_pair):
+    teacher, student = cut_pair
+    assert student.config.distill_source_layers == [0, 3]
+    grandchild = student_from_teacher(student, [1])
+    assert grandchild.config.distill_source_layers == [3]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_gradient_accumulation_equals_big_batch_with_hidden_term(tmp_path, cut_pair, tokenizer, chunked):
+    teacher, student = cut_pair
+    dataset = prompt_response_dataset(tokenizer, n=8)
+    results = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        model = copy.deepcopy(student)
+        trainer = DistillationTrainer(
+            model=model, teacher_model=teacher, train_dataset=dataset, processing_class=tokenizer,
+            args=config(
+                tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                max_steps=1, optim="sgd", learning_rate=1.0, alpha=0.5, hidden_loss_weight=3.0,
+                chunked_loss=chunked, max_grad_norm=0.0, lr_scheduler_type="constant",
+            ),
+        )
+        trainer.train()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    before = torch.cat([p.detach().flatten() for p in student.parameters()])
+    assert not torch.allclose(results[0], before)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_training_lowers_the_logged_hidden_loss(tmp_path, cut_pair, tokenizer):
+    teacher, student = cut_pair
+    dataset = prompt_response_dataset(tokenizer, n=16)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, train_dataset=dataset, processing_class=tokenizer,
+        args=config(tmp_path, alpha=0.5, hidden_loss_weight=1.0, max_steps=15, learning_rate=3e-3),
+    )
+    trainer.train()
+    logs = [log["hidden_loss"] for log in trainer.state.log_history if "hidden_loss" in log]
+    assert len(logs) == 15 and logs[-1] < 0.7 * logs[0]
+
+
+def test_hidden_term_refuses_other_hidden_sizes(tmp_path, causal_pair, tokenizer):
+    teacher, student = causal_pair  # hidden sizes 64 and 32
+    with pytest.raises(ValueError, match="hidden size is 32 and the teacher's 64"):
+        DistillationTrainer(
+            model=student, teacher_model=teacher, train_dataset=prompt_response_dataset(tokenizer, n=4),
+            processing_class=tokenizer, args=config(tmp_path, hidden_loss_weight=1.0),
+        )
+
+
+def test_layer_map_of_wrong_length_is_refused(tmp_path, cut_pair, tokenizer):
+    teacher, student = cut_pair
+    with pytest.raises(ValueError, match=r"layer_map=\[0, 1, 2\] must give one teacher layer \(0\.\.3\) for each"):
+        DistillationTrainer(
+            model=student, teacher_model=teacher, train_dataset=prompt_response_dataset(tokenizer, n=4),
+            processing_class=tokenizer, args=config(tmp_path, hidden_loss_weight=1.0, layer_map=[0, 1, 2]),
+        )
+
+
+def test_negative_hidden_weight_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="hidden_loss_weight=-1"):
+        config(tmp_path, hidden_loss_weight=-1.0)
