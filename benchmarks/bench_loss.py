@@ -5,8 +5,8 @@ The step differentiates the blended objective (alpha·forward-KL + (1−alpha)·
 target) with respect to the student's final hidden states h_s (BT, D) and its head weight W_s (V, D):
 
 - naive:   logits_s = F.linear(h_s, W_s); logits_t = F.linear(h_t, W_t) under no_grad;
-           hf_distill.chunked.blended_loss on the full (BT, V) logits; backward.
-- chunked: hf_distill.chunked.chunked_blended_loss(h_s, W_s, None, h_t, teacher_head, ...); backward.
+           hf_distill.loss.blended_loss on the full (BT, V) logits; backward.
+- chunked: hf_distill.loss.chunked_blended_loss(h_s, W_s, None, TeacherHidden(h_t, teacher_head), ...); backward.
 
 All inputs are random tensors (no real model is loaded). Run `python benchmarks/bench_loss.py --help`.
 
@@ -66,7 +66,7 @@ TARGETS = (
 
 def make_inputs(vocab: int, bt: int, device: str, hidden: int = HIDDEN, seed: int = 0) -> dict:
     """Random student/teacher hidden states and heads; logits come out roughly N(0, 1)."""
-    from hf_distill.chunked import LossSettings, PositionTargets
+    from hf_distill.loss import LossSettings, PositionTargets
 
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -86,7 +86,7 @@ def make_inputs(vocab: int, bt: int, device: str, hidden: int = HIDDEN, seed: in
 
 
 def step_naive(inp: dict) -> torch.Tensor:
-    from hf_distill.chunked import blended_loss
+    from hf_distill.loss import blended_loss
 
     student_logits = F.linear(inp["h_s"], inp["w_s"])
     with torch.no_grad():
@@ -97,13 +97,11 @@ def step_naive(inp: dict) -> torch.Tensor:
 
 
 def step_chunked(inp: dict, chunk_size: int) -> torch.Tensor:
-    from hf_distill.chunked import chunked_blended_loss
+    from hf_distill.loss import TeacherHidden, chunked_blended_loss
 
     w_t = inp["w_t"]
-    loss, _kd, _ce = chunked_blended_loss(
-        inp["h_s"], inp["w_s"], None, inp["h_t"], lambda h: F.linear(h, w_t), inp["positions"], inp["settings"],
-        chunk_size,
-    )
+    teacher = TeacherHidden(inp["h_t"], lambda h: F.linear(h, w_t))
+    loss, _kd, _ce = chunked_blended_loss(inp["h_s"], inp["w_s"], None, teacher, inp["positions"], inp["settings"], chunk_size)
     loss.backward()
     return loss.detach()
 
@@ -342,7 +340,7 @@ def others_share(before, after) -> float:
 
 def package_chunk_size(vocab: int, device: str) -> int:
     """The package's default chunk size for this vocabulary on this kind of device."""
-    from hf_distill.chunked import default_chunk_size
+    from hf_distill.loss import default_chunk_size
 
     try:
         return default_chunk_size(vocab, device_type=device)
@@ -386,7 +384,7 @@ def main() -> int:
         args.reps_small = args.reps_large = 2
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
-    print("Distillation loss step benchmark: naive (full logits) vs hf_distill.chunked.chunked_blended_loss")
+    print("Distillation loss step benchmark: naive (full logits) vs hf_distill.loss.chunked_blended_loss")
     print(f"torch {torch.__version__}, device {args.device} ({device_name}), torch threads {torch.get_num_threads()}, "
           f"python {platform.python_version()}")
     print(f"Inputs are RANDOM TENSORS, not real models: hidden {hidden} (student and teacher), float32, "

@@ -119,3 +119,26 @@ class CachedTeacherCollator:
         ).view(-1, self.top_k)
         batch["teacher_lse"] = torch.cat([torch.as_tensor(c["teacher_lse"], dtype=torch.float32) for c in cached])
         return batch
+
+
+def pack_dataset(dataset, max_length: int, separator_id: int | None = None, drop_last: bool = True):
+    """Concatenate tokenized rows (a separator token between them) and cut the stream into `max_length` blocks.
+
+    Every token of a block is trained (labels = input_ids), which is what plain-text language modeling wants;
+    no padding is spent. The last, shorter block is dropped unless `drop_last=False`.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} is too short to pack: a block needs at least 2 tokens.")
+
+    def pack(rows):
+        stream: list[int] = []
+        for ids in rows["input_ids"]:
+            stream.extend(ids)
+            if separator_id is not None:
+                stream.append(separator_id)
+        stop = len(stream) - len(stream) % max_length if drop_last else len(stream)
+        blocks = [stream[i : i + max_length] for i in range(0, stop, max_length)]
+        return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": [list(b) for b in blocks]}
+
+    # One batch holds the whole split, so no tokens are lost at batch boundaries.
+    return dataset.map(pack, batched=True, batch_size=None, remove_columns=dataset.column_names, desc="packing")
