@@ -467,3 +467,18 @@ def test_bf16_autocast(loss_type, teacher_kind, param_dtype):
             assert grad.dtype == param_dtype  # gradients come back in the input dtypes
             assert torch.isfinite(grad.float()).all()
         assert_close_bf16(reference, chunked)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_teacher_minus_inf_logits_give_finite_closed_form(alpha):
+    """Tokens a teacher rules out (logit −inf, p = 0) add nothing to forward KL, in the closed form as in autograd."""
+    hidden, weight, bias, _, _ = make_case(seed=30)
+    teacher_logits = torch.randn(N, V, generator=torch.Generator().manual_seed(31)) * 2
+    teacher_logits[2, :4] = float("-inf")
+    teacher_logits[7, 5] = float("-inf")
+    positions = make_positions(N, V, seed=32, alpha=alpha)
+    settings = settings_for("forward_kl", 1.0)
+    reference = run_reference(hidden, weight, bias, teacher_logits, nn.Identity(), positions, settings)
+    chunked = run_chunked(hidden, weight, bias, teacher_logits, nn.Identity(), positions, settings, 4)
+    assert torch.isfinite(chunked[0][0]) and torch.isfinite(chunked[0][1])
+    assert_same(reference, chunked)

@@ -58,26 +58,52 @@ def _kl_terms_(probs: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     return log_ratio.mul_(probs).masked_fill_(probs == 0, 0.0)
 
 
-def _online(s, teacher_logits, settings, kd_weights):
-    """(divergence per row, d Σ kd_weights·divergence / d s over the shared vocabulary or None, log q, q).
+def _forward_kl(z, y, scale, ce_weights):
+    """Forward KL(p‖q) per row and its gradient w.r.t. z, for z = s / T and y = teacher / T (shared vocabulary).
+
+    Two fused softmaxes give q, p and their log-normalizers; KL = Σ p·(y − z) − (log Z_p − log Z_q) needs one
+    difference and one row-dot, and the gradient `scale`·(q − p) (plus `ce_weights`·q, the CE's dense part at
+    T = 1) is written into p's buffer: about half the passes over (chunk, V) of the log-softmax form.
+    """
+    q, log_norm_q = _softmax_and_log_norm(z)
+    p, log_norm_p = _softmax_and_log_norm(y)
+    difference = torch.sub(y, z)
+    value = torch.bmm(p.unsqueeze(1), difference.unsqueeze(2)).view(-1) - (log_norm_p - log_norm_q).view(-1)
+    bad = value.isnan()
+    if bad.any():  # p = 0 where the teacher's logit is −inf: 0 · (−inf) is NaN in the dot, 0 in the divergence
+        rows = bad.nonzero().squeeze(-1)
+        log_p, log_q = y[rows] - log_norm_p[rows], z[rows] - log_norm_q[rows]
+        value[rows] = _kl_terms_(p[rows], log_p.sub_(log_q)).sum(-1)
+    del difference
+    grad = None
+    if scale is not None:
+        grad = p.mul_(-scale).addcmul_(q, scale if ce_weights is None else scale + ce_weights[:, None])
+    return value.clamp_min(0.0), grad, log_norm_q, q
+
+
+def _online(s, teacher_logits, settings, kd_weights, ce_weights=None):
+    """(divergence per row, d Σ kd_weights·divergence / d s over the shared vocabulary or None, log q or None,
+    q, log-normalizer of s / T or None, whether `ce_weights`·q is already in the gradient).
 
     q is softmax(s / T) over the shared vocabulary; the gradient, when asked, reuses one of the buffers.
+    `ce_weights` (T = 1, whole vocabulary shared) lets forward KL fold the CE's dense part into its gradient.
     """
     temperature, beta, loss_type = settings.temperature, settings.beta, settings.loss_type
     if loss_type == "jsd" and beta in (0.0, 1.0):  # TRL's endpoints: forward and reverse KL
         loss_type = "forward_kl" if beta == 0.0 else "reverse_kl"
     vocab = min(s.shape[-1], teacher_logits.shape[-1])
-    log_q = F.log_softmax(_scaled(s[:, :vocab], temperature), dim=-1)
-    log_p = F.log_softmax(_scaled(teacher_logits[:, :vocab].float(), temperature), dim=-1)
-    q = log_q.exp()
-    grad = None
+    z = _scaled(s[:, :vocab], temperature)
+    y = _scaled(teacher_logits[:, :vocab].float(), temperature)
     scale = None if kd_weights is None else (kd_weights / temperature)[:, None]
     if loss_type == "forward_kl":
-        p = log_p.exp()
-        value = _kl_terms_(p, log_p.sub_(log_q)).sum(-1).clamp_min(0.0)
-        if scale is not None:
-            grad = p.mul_(-scale).addcmul_(q, scale)  # T·w·(q − p), in p's buffer
-    elif loss_type == "reverse_kl":
+        fold_ce = ce_weights is not None and scale is not None
+        value, grad, log_norm, q = _forward_kl(z, y, scale, ce_weights if fold_ce else None)
+        return value, grad, None, q, log_norm, fold_ce
+    log_q = F.log_softmax(z, dim=-1)
+    log_p = F.log_softmax(y, dim=-1)
+    q = log_q.exp()
+    grad = None
+    if loss_type == "reverse_kl":
         log_ratio = log_q - log_p
         raw = _kl_terms_(q, log_ratio.clone()).sum(-1)
         value = raw.clamp_min(0.0)
@@ -91,7 +117,7 @@ def _online(s, teacher_logits, settings, kd_weights):
         value = beta * to_p + (1 - beta) * to_q.clamp_min(0.0)
         if scale is not None:
             grad = q_log_ratio.sub_(to_q[:, None]).mul_(q).masked_fill_(q == 0, 0.0).mul_(scale * (1 - beta))
-    return value, grad, log_q, q
+    return value, grad, log_q, q, None, False
 
 
 # Below this student tail mass (float32 tail probabilities may be subnormal or 0) the tail's log-mass and its
@@ -171,7 +197,10 @@ def chunk_loss_and_grad(
                 s, teacher, settings, kd_weights if want_kd else None, ce_weights if ce_done else None
             )
         else:
-            values, grad, log_q, probs = _online(s, teacher, settings, kd_weights if want_kd else None)
+            shared = temperature == 1.0 and teacher.shape[-1] >= vocab and not rows_left_out
+            values, grad, log_q, probs, log_norm, ce_done = _online(
+                s, teacher, settings, kd_weights if want_kd else None, ce_weights if want_ce and shared else None
+            )
             if grad is not None and rows_left_out:  # rows left out get 0, even where the teacher overflowed
                 grad = grad.masked_fill_(~kd_mask[:, None], 0.0)
         kd_sum = torch.where(kd_mask, values, torch.zeros_like(values)).sum()
@@ -182,7 +211,7 @@ def chunk_loss_and_grad(
     if temperature == 1.0 and log_q is not None and log_q.shape[-1] == vocab:
         ce = -log_q.gather(-1, safe_targets).squeeze(-1)
     else:
-        if temperature != 1.0 or log_norm is None:
+        if temperature != 1.0 or log_norm is None or log_norm.shape[0] != n or (probs is not None and probs.shape[-1] != vocab):
             probs, log_norm = _softmax_and_log_norm(s)
         ce = (log_norm - s.gather(-1, safe_targets)).squeeze(-1)
     ce_sum = torch.where(ce_mask & (targets != -100), ce, torch.zeros_like(ce)).sum()
