@@ -163,3 +163,20 @@ def test_layer_map_of_wrong_length_is_refused(tmp_path, cut_pair, tokenizer):
 def test_negative_hidden_weight_is_refused(tmp_path):
     with pytest.raises(ValueError, match="hidden_loss_weight=-1"):
         config(tmp_path, hidden_loss_weight=-1.0)
+
+
+def test_peft_student_with_hidden_term(tmp_path, cut_pair, tokenizer):
+    """Adapters on a cut student learn from the hidden-state term too (only they change)."""
+    from peft import LoraConfig
+
+    teacher, student = cut_pair
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, train_dataset=prompt_response_dataset(tokenizer, n=8),
+        processing_class=tokenizer,
+        args=config(tmp_path, alpha=0.0, hidden_loss_weight=1.0, max_steps=4, learning_rate=1e-2),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    assert trainer.layer_map == [0, 3]
+    trainer.train()
+    logs = [log["hidden_loss"] for log in trainer.state.log_history if "hidden_loss" in log]
+    assert len(logs) == 4 and logs[-1] < logs[0]
