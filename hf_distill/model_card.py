@@ -108,7 +108,7 @@ def _settings(info: dict, pipeline_task: str | None, datasets: list[str]) -> lis
         made.append(f"- **Gradient accumulation steps:** {info['gradient_accumulation_steps']}")
     if "learning_rate" in info:
         learning_rate = info["learning_rate"]
-        made.append(f"- **Learning rate:** {learning_rate:g}" if _is_number(learning_rate) else f"- **Learning rate:** {learning_rate}")
+        made.append(f"- **Learning rate:** {f'{learning_rate:g}' if _is_number(learning_rate) else learning_rate}")
     for key, value in info.items():
         if key not in _KNOWN_KEYS:
             made.append(f"- **{key.replace('_', ' ').capitalize()}:** {value}")

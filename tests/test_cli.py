@@ -1,14 +1,15 @@
 """The `hf-distill` command and recipes end to end on tiny local models: train, report, export, eval, demo."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, pipeline
 
-from hf_distill.runner.cli import main, parse_recipe
+from hf_distill.config import DistillationConfig
+from hf_distill.runner import cli
+from hf_distill.runner.cli import TeacherArguments, main, parse_recipe
 from hf_distill.runner.scratch import small_llama
 
 from conftest import REPO, english_lines, sharpen
@@ -37,6 +38,118 @@ def test_overrides_win_over_yaml():
     assert config.alpha == 0.9 and config.learning_rate == 1e-3
     assert args.student_init == "from_teacher" and args.student_layers == [0, 3]
     assert config.loss_type == "forward_kl"  # from the YAML
+
+
+# ---- the command a person types: help, one-line errors, paths checked before anything loads ---------------
+
+
+def test_train_help_groups_fields(capsys):
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    recipe, distillation, training = (text.index(title) for title in ("recipe:", "distillation", "training:"))
+    assert recipe < distillation < training
+    assert "--dataset_name" in text[recipe:distillation] and "A Hub dataset id" in text[recipe:distillation]
+    assert "--alpha" in text[distillation:training] and "Weight of the distillation term" in text
+    assert "--learning_rate" in text[training:] and "--help-all" in text
+    assert "--adam_beta1" not in text  # the long tail of TrainingArguments waits for --help-all
+    assert main(["train", "--help-all"]) == 0
+    assert "--adam_beta1" in capsys.readouterr().out
+
+
+def test_cache_teacher_help_lists_only_its_fields(capsys):
+    assert main(["cache-teacher", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--cache_dir" in text and "--teacher_model_name_or_path" in text and "--max_length" in text
+    assert "--learning_rate" not in text and "--alpha" not in text
+
+
+def refuse_to_run(*args, **kwargs):
+    raise AssertionError("a user error must be reported before anything loads")
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    for name in ("train_recipe", "evaluate_saved", "cache_recipe_teacher", "run_demo"):
+        monkeypatch.setattr(cli, name, refuse_to_run)
+
+
+def one_line_error(capsys, *words):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hf-distill: error:"), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    for word in words:
+        assert word in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "no/such/recipe.yaml"], ["no/such/recipe.yaml", "not found"]),
+        (["train", "RECIPE", "--alpah", "0.5"], ["--alpah", "--alpha"]),  # a typo gets a suggestion
+        (["train", "RECIPE", "--alpha", "2"], ["alpha=2.0"]),
+        (["train", "RECIPE", "--alpha", "high"], ["--alpha", "'high'"]),
+        (["train", "RECIPE", "--data_files", "no/such/data.jsonl"], ["data_files", "no/such/data.jsonl"]),
+        (["train", "RECIPE", "--dataset_name", "recipes/data/missing.jsonl"], ["missing.jsonl", "Hub dataset id"]),
+        (["train", "RECIPE", "--dataset_name", "not a/dataset"], ["'not a/dataset'"]),
+        (["train", "RECIPE", "--teacher_model_name_or_path", "./no/teacher"], ["teacher_model_name_or_path"]),
+        (["train", "RECIPE", "--student_model_name_or_path", "/no/such/student"], ["student_model_name_or_path"]),
+        (["train", "RECIPE", "--teacher_cache", "no_such_cache"], ["teacher_cache"]),
+        (["eval", "RECIPE", "--model", "s=./no/student"], ["--model s", "./no/student"]),
+        (["eval", "RECIPE", "--model", "s=gpt2", "--learning_rate", "1"], ["does not use --learning_rate"]),
+        (["eval", "RECIPE"], ["--model"]),
+        (["cache-teacher", "RECIPE", "--cache_dir", "c", "--teacher_model_init_kwargs", "{bad"], ["not valid JSON"]),
+        (["cache-teacher", "RECIPE"], ["--cache_dir"]),
+        (["distil", "RECIPE"], ["'distil'"]),
+        (["demo", "--fast"], ["--fast"]),
+    ],
+)
+def test_user_errors_are_one_line(argv, words, capsys, nothing_runs):
+    # eval and cache-teacher read a bf16 recipe on a CPU machine: they build no TrainingArguments.
+    recipe = str(REPO / "recipes" / ("translation.yaml" if argv[0] == "train" else "translation_causal.yaml"))
+    assert main([recipe if arg == "RECIPE" else arg for arg in argv]) == 2
+    one_line_error(capsys, *words)
+
+
+def test_debug_shows_the_traceback(capsys, monkeypatch, nothing_runs):
+    with pytest.raises(ValueError, match="not found"):
+        main(["train", "missing.yaml", "--debug"])
+    with pytest.raises(ValueError, match="not found"):
+        main(["--debug", "train", "missing.yaml"])
+    monkeypatch.setenv("HF_DISTILL_DEBUG", "1")
+    with pytest.raises(ValueError, match="not found"):
+        main(["train", "missing.yaml"])
+
+
+def test_training_arguments_debug_keeps_its_value(nothing_runs, capsys):
+    # TrainingArguments' own --debug takes a value: it is a field, not the traceback switch.
+    with pytest.raises(AssertionError, match="before anything loads"):
+        main(["train", str(REPO / "recipes" / "translation.yaml"), "--dataset_name", DATA,
+              "--debug", "underflow_overflow", "--use_cpu", "true"])
+
+
+def test_errors_while_running_are_one_line(capsys, monkeypatch):
+    def fails(*args, **kwargs):
+        raise ValueError("The data has columns ['a']\nbut the recipe needs ['source']")
+
+    monkeypatch.setattr(cli, "train_recipe", fails)
+    assert main(["train", str(REPO / "recipes" / "translation.yaml"), "--dataset_name", DATA]) == 2
+    assert "--debug" in one_line_error(capsys, "columns ['a'] but the recipe")
+
+
+def test_eval_and_cache_teacher_build_no_training_arguments(monkeypatch):
+    def no_training_arguments(self):
+        raise AssertionError("TrainingArguments built")
+
+    monkeypatch.setattr(DistillationConfig, "__post_init__", no_training_arguments)
+    recipe_file = str(REPO / "recipes" / "translation_causal.yaml")  # bf16: true, a GPU-only training setting
+    recipe, teacher = parse_recipe(recipe_file, ["--temperature", "2"], command="cache-teacher")
+    assert isinstance(teacher, TeacherArguments) and teacher.temperature == 2.0
+    assert teacher.teacher_model_name_or_path == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert teacher.teacher_model_init_kwargs == {"dtype": "bfloat16"} and recipe.task == "causal"
+    _, seed = parse_recipe(recipe_file, ["--seed", "7"], command="eval")
+    assert seed.seed == 7
 
 
 def test_unknown_yaml_field(tmp_path):
@@ -112,15 +225,15 @@ def test_cache_teacher_then_train_from_cache(tmp_path, causal_dirs):
     assert any("kd_loss" in log for log in history)
 
 
-def test_seq2seq_recipe(tmp_path, tokenizer):
+def test_seq2seq_recipe(tmp_path, tokenizer, capsys):
     teacher_dir, student_dir = tmp_path / "t5", tmp_path / "t5-small"
     tiny_t5(len(tokenizer), 32, 2, seed=0).save_pretrained(teacher_dir)
     tiny_t5(len(tokenizer), 16, 1, seed=1).save_pretrained(student_dir)
     tokenizer.save_pretrained(teacher_dir)
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="two stacks"):
-        main(["train", str(REPO / "recipes" / "translation.yaml"), "--teacher_model_name_or_path", str(teacher_dir),
-              "--student_init", "from_teacher", "--dataset_name", DATA, "--output_dir", str(out), *FAST])
+    assert main(["train", str(REPO / "recipes" / "translation.yaml"), "--teacher_model_name_or_path", str(teacher_dir),
+                 "--student_init", "from_teacher", "--dataset_name", DATA, "--output_dir", str(out), *FAST]) == 2
+    assert "two stacks" in capsys.readouterr().err
     assert main([
         "train", str(REPO / "recipes" / "translation.yaml"), "--teacher_model_name_or_path", str(teacher_dir),
         "--student_model_name_or_path", str(student_dir), "--tokenizer_name_or_path", str(teacher_dir),
@@ -203,6 +316,6 @@ def test_demo_quick(tmp_path, capsys):
     assert (out / "student" / "report.md").exists() and (out / "student" / "README.md").exists()
     assert (out / "demo_recipe.yaml").exists()
     before = (out / "student" / "report.md").read_text()
-    with pytest.raises(FileExistsError):
-        main(["demo", "--quick", "--output_dir", str(out)])
+    assert main(["demo", "--quick", "--output_dir", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
     assert (out / "student" / "report.md").read_text() == before

@@ -1,11 +1,18 @@
 """Report helpers: the comparison table, report files with training curves, and the model card."""
 
 import json
+import logging
+import sys
 
 import pytest
 import yaml
 
-from hf_distill.runner.report import comparison_table, format_value, model_card, write_report
+from hf_distill.model_card import distillation_model_card
+from hf_distill.runner.report import _curves, comparison_table, format_value, write_report
+
+
+def model_card(info, table=None):
+    return str(distillation_model_card(info, table))
 
 
 ROWS = [
@@ -93,6 +100,42 @@ def test_write_report_without_curves(tmp_path):
     assert paths["curves"].read_bytes().startswith(b"\x89PNG")
 
 
+def baseline_history():
+    """A plain-CE run (no KD term): its `loss` and `eval_loss` are cross-entropy."""
+    return [{"loss": 3.9, "step": 5}, {"loss": 3.4, "step": 10}, {"eval_loss": 3.6, "step": 10}]
+
+
+def test_curves_compare_like_with_like():
+    curves = _curves({"distilled": history(), "plain": baseline_history()})
+    # CE beside CE: the distilled run's ce_loss (not its blended loss) next to the plain run's loss.
+    assert curves["ce_loss"] == {"distilled": ([5, 10], [4.0, 3.5]), "plain": ([5, 10], [3.9, 3.4])}
+    assert curves["eval_ce_loss"] == {"distilled": ([10], [3.7]), "plain": ([10], [3.6])}
+    # KD terms only for the run that has them; the blended loss is no panel.
+    assert curves["kd_loss"] == {"distilled": ([5, 10], [2.0, 1.5])}
+    assert curves["eval_kd_loss"] == {"distilled": ([10], [1.7])}
+    assert set(curves) == {"ce_loss", "eval_ce_loss", "kd_loss", "eval_kd_loss"}
+
+
+def test_curves_never_show_a_distilled_runs_blended_loss():
+    # A distilled run that logged no CE term has no CE curve, rather than its alpha-blended loss.
+    curves = _curves({"distilled": [{"loss": 3.0, "kd_loss": 2.0, "step": 5}, {"eval_loss": 2.7, "step": 5}]})
+    assert "ce_loss" not in curves and "eval_ce_loss" not in curves
+
+
+def test_write_report_without_matplotlib(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        paths = write_report(ROWS, {"distilled": history()}, tmp_path)
+    assert set(paths) == {"markdown", "json"} and not (tmp_path / "training_curves.png").exists()
+    assert "training_curves" not in paths["markdown"].read_text(encoding="utf-8")
+    assert sum("matplotlib" in record.getMessage() for record in caplog.records) == 1
+
+
 INFO = {
     "teacher": "Qwen/Qwen3-1.7B",
     "student": "Qwen/Qwen3-0.6B",
@@ -122,7 +165,7 @@ def test_model_card():
     card = model_card(INFO, table)
     meta = front_matter(card)
     assert meta["library_name"] == "transformers"
-    assert meta["tags"] == ["hf-distill", "knowledge-distillation"]
+    assert meta["tags"] == ["hf-distill", "distillation"]
     assert meta["base_model"] == "Qwen/Qwen3-0.6B"
     assert meta["datasets"] == ["my-org/bible-en-es"]
     assert meta["license"] == "apache-2.0"
@@ -154,7 +197,7 @@ def test_model_card_loss_specific_settings():
 def test_model_card_with_few_keys():
     card = model_card({"teacher": "t", "student": "./runs/student", "steps": 3, "license": None}, None)
     meta = front_matter(card)
-    assert meta == {"library_name": "transformers", "tags": ["hf-distill", "knowledge-distillation"]}
+    assert meta == {"library_name": "transformers", "tags": ["hf-distill", "distillation"]}
     assert "`t`" in card and "Training steps:** 3" in card
     assert 'pipeline(model="path/to/this/model")' in card
     # Trainer's max_steps is -1 when it trains by epochs: the steps actually run are shown instead.
@@ -168,3 +211,11 @@ def test_model_card_keeps_local_names_out_of_front_matter():
     assert "base_model" not in meta and "datasets" not in meta
     assert "`data/train.jsonl`" in card and "`LlamaForCausalLM`" in card
     assert front_matter(model_card({"student": "gpt2", "dataset": ["wmt16", "data.csv"]}))["datasets"] == ["wmt16"]
+
+
+def test_model_card_object_and_extra_keys(tmp_path):
+    card = distillation_model_card({**INFO, "hidden_loss_weight": 0.25}, comparison_table(ROWS))
+    assert card.data.base_model == "Qwen/Qwen3-0.6B" and card.data.library_name == "transformers"
+    assert "Hidden loss weight:** 0.25" in card.text  # keys the card does not know are still shown
+    card.save(tmp_path / "README.md")
+    assert (tmp_path / "README.md").read_text(encoding="utf-8") == str(card)

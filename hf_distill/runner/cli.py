@@ -1,4 +1,4 @@
-"""The `hf-distill` command: train from a YAML recipe, evaluate saved models, run the offline demo.
+"""The `hf-distill` command: train from a YAML recipe, evaluate saved models, cache a teacher, run the offline demo.
 
     hf-distill train recipes/translation.yaml --max_steps 200 --alpha 0.7
     hf-distill eval recipes/translation.yaml --model student=runs/translation --model teacher=Helsinki-NLP/opus-mt-en-es
@@ -7,45 +7,168 @@
     accelerate launch -m hf_distill.runner.cli train recipes/translation.yaml    # multi-GPU
 
 Every field of RecipeArguments and DistillationConfig (so every TrainingArguments field) can be set in the
-YAML file and overridden on the command line as `--field value`.
+YAML file and overridden on the command line as `--field value`. Mistakes are reported in one line (exit status 2);
+`--debug` or HF_DISTILL_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
+import glob
+import json
+import os
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from ..config import DistillationConfig
+from ..model_card import looks_like_hub_id
+from .demo import run_demo
+from .pipeline import cache_recipe_teacher, evaluate_saved, train_recipe
 from .recipe import RecipeArguments
 
+DEBUG_ENV = "HF_DISTILL_DEBUG"
+COMMANDS = ("train", "eval", "cache-teacher", "demo")
 
-def parse_recipe(config_path: str | None, overrides: list[str]) -> tuple[RecipeArguments, DistillationConfig]:
-    """RecipeArguments and DistillationConfig from a YAML file, with `--field value` overrides on top."""
-    parser = HfArgumentParser((RecipeArguments, DistillationConfig))
+# The TrainingArguments fields `hf-distill train --help` shows; `--help-all` lists every one.
+COMMON_TRAINING_FIELDS = (
+    "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "bf16", "eval_strategy", "eval_steps", "logging_steps",
+    "save_strategy", "seed", "report_to", "push_to_hub", "hub_model_id",
+)
+
+
+class UsageError(ValueError):
+    """A mistake in the command line, the recipe or its paths: reported in one line, exit status 2."""
+
+
+def _config_field(name: str):
+    """A field with the default and help of `DistillationConfig.<name>`, so the two cannot drift apart."""
+    spec = next(spec for spec in dataclasses.fields(DistillationConfig) if spec.name == name)
+    return dataclasses.field(default=spec.default, metadata=spec.metadata)
+
+
+@dataclass
+class TeacherArguments:
+    """The `DistillationConfig` fields `cache-teacher` reads: parsing them builds no `TrainingArguments`."""
+
+    teacher_model_name_or_path: str | None = _config_field("teacher_model_name_or_path")
+    teacher_model_init_kwargs: dict[str, Any] | str | None = _config_field("teacher_model_init_kwargs")
+    temperature: float = _config_field("temperature")
+    distill_all_tokens: bool = _config_field("distill_all_tokens")
+    seed: int = _config_field("seed")
+
+    def __post_init__(self):
+        if isinstance(self.teacher_model_init_kwargs, str):
+            try:
+                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise UsageError(
+                    f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} is not valid JSON: {error}"
+                )
+        if self.temperature <= 0:
+            raise UsageError(f"temperature={self.temperature} must be > 0.")
+
+
+@dataclass
+class EvalArguments:
+    """The one `DistillationConfig` field `eval` reads: the seed that carves the held-out splits."""
+
+    seed: int = _config_field("seed")
+
+
+# Which dataclasses each command parses from the recipe and `--field value` options.
+COMMAND_FIELDS = {
+    "train": (RecipeArguments, DistillationConfig),
+    "eval": (RecipeArguments, EvalArguments),
+    "cache-teacher": (RecipeArguments, TeacherArguments),
+}
+
+
+class _FieldParser(HfArgumentParser):
+    def error(self, message):  # argparse would print the usage and exit
+        raise UsageError(message)
+
+
+class _CommandParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _field_names(*classes) -> set[str]:
+    return {spec.name for cls in classes for spec in dataclasses.fields(cls)}
+
+
+def parse_recipe(config_path: str | None, overrides: list[str], dataclass_types=None, command: str = "train"):
+    """The dataclasses of `command` (RecipeArguments and DistillationConfig for train) from a YAML file, with
+    `--field value` overrides on top. Raises `UsageError` (a `ValueError`) for a missing file or an unknown field."""
+    dataclass_types = dataclass_types or COMMAND_FIELDS[command]
+    parser = _FieldParser(dataclass_types)
+    accepted = _field_names(*dataclass_types)
     if config_path:
+        if not os.path.isfile(config_path):
+            raise UsageError(f"recipe file {config_path!r} not found.")
         with open(config_path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"{config_path} must hold a mapping of field: value, not a {type(values).__name__}.")
-        known = {f.name for cls in (RecipeArguments, DistillationConfig) for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+            raise UsageError(f"{config_path} must hold a mapping of field: value, not a {type(values).__name__}.")
+        unknown = sorted(set(values) - _field_names(RecipeArguments, DistillationConfig))
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"{config_path} sets unknown fields {unknown}. Fields are those of RecipeArguments and "
                 "DistillationConfig (TrainingArguments included); see `hf-distill train --help`."
             )
-        parser.set_defaults(**values)
-    recipe, config = parser.parse_args_into_dataclasses(args=overrides, look_for_args_file=False)
-    return recipe, config
+        # A recipe holds training settings too; eval and cache-teacher take only the fields they use.
+        parser.set_defaults(**{key: value for key, value in values.items() if key in accepted})
+    _, rest = parser.parse_known_args(overrides)  # unknown options first: before any dataclass validates
+    if rest:
+        flag = next((arg for arg in rest if arg.startswith("-")), rest[0])
+        name = flag.lstrip("-").replace("-", "_")
+        if name in _field_names(RecipeArguments, DistillationConfig) - accepted:
+            message = f"hf-distill {command} does not use {flag}"
+        else:
+            match = difflib.get_close_matches(name, sorted(accepted), n=1)
+            message = f"unknown option {flag}" + (f" (did you mean --{match[0]}?)" if match else "")
+        raise UsageError(f"{message}; see `hf-distill {command} --help`.")
+    parsed = parser.parse_args_into_dataclasses(args=overrides, look_for_args_file=False)
+    return tuple(parsed)
 
 
-# eval and cache-teacher use a recipe's data, task and teacher settings only: a GPU-only training setting
-# (bf16 on a CPU machine) must not stop them. Models run in the dtype they are loaded with.
-_NO_MIXED_PRECISION = ["--bf16", "false", "--fp16", "false"]
+# ---- checks before anything heavy loads ----------------------------------------------------------------------
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id: absolute, relative (./, ../, ~) or deeper than org/name."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+def check_paths(recipe: RecipeArguments, models: dict[str, str | None]) -> None:
+    """Refuse missing local data and model folders, and a `dataset_name` that cannot be a Hub id, before any
+    model or data loads. `models` maps a setting's name to a model path or Hub id."""
+    if recipe.data_files:
+        if not glob.glob(recipe.data_files):
+            raise UsageError(f"data_files={recipe.data_files!r}: no such file.")
+    elif recipe.dataset_name and not os.path.exists(recipe.dataset_name):
+        if _looks_local(recipe.dataset_name) or not looks_like_hub_id(recipe.dataset_name):
+            raise UsageError(
+                f"dataset_name={recipe.dataset_name!r} is neither a local file or folder nor a Hub dataset id "
+                "(name or org/name)."
+            )
+    if recipe.student_init == "pretrained":
+        models = {"student_model_name_or_path": recipe.student_model_name_or_path, **models}
+    models = {"tokenizer_name_or_path": recipe.tokenizer_name_or_path, **models}
+    for setting, path in models.items():
+        if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+            raise UsageError(f"{setting}={path!r}: no such folder.")
+
+
+# ---- commands ----------------------------------------------------------------------------------------------
 
 
 def _models_option(values: list[str]) -> dict[str, str]:
@@ -56,60 +179,140 @@ def _models_option(values: list[str]) -> dict[str, str]:
     return models
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="hf-distill", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="Distill a student from a YAML recipe (and --field value overrides).")
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser, and each command's parser."""
+    parser = _CommandParser(prog="hf-distill", description=__doc__.split("\n\n")[0],
+                            epilog="Add --debug (or set HF_DISTILL_DEBUG=1) to see the traceback of an error.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
+    # Field options go through parse_recipe; each command's --help lists them (see _print_help).
+    train = commands.add_parser("train", add_help=False, help="Distill a student from a YAML recipe.")
     train.add_argument("recipe", nargs="?", help="YAML file of RecipeArguments and DistillationConfig fields.")
-    evaluate = commands.add_parser("eval", help="Evaluate saved models on a recipe's test split.")
-    evaluate.add_argument("recipe", help="YAML recipe whose data and task to use.")
-    evaluate.add_argument("--model", action="append", required=True, help="NAME=PATH (repeat to compare).")
+    evaluate = commands.add_parser("eval", add_help=False, help="Evaluate saved models on a recipe's test split.")
+    evaluate.add_argument("recipe", nargs="?", help="YAML recipe whose data and task to use.")
+    evaluate.add_argument("--model", action="append", default=[], help="NAME=PATH (repeat to compare).")
     evaluate.add_argument("--teacher", help="Teacher path, for teacher–student agreement.")
     evaluate.add_argument("--output", help="Write the rows as JSON here.")
-    cache = commands.add_parser("cache-teacher", help="Run the teacher once over a recipe's training data and store its top-k.")
-    cache.add_argument("recipe", help="YAML recipe (causal task) naming the teacher and data.")
-    cache.add_argument("--cache_dir", required=True, help="Folder for the cache (resumed if it holds a partial one).")
-    cache.add_argument("--top_k", type=int, default=None, help="Entries per token; default: the most that fit 256 bytes.")
-    cache.add_argument("--batch_size", type=int, default=8)
+    cache = commands.add_parser(
+        "cache-teacher", add_help=False, help="Run the teacher once over a recipe's training data and store its top-k."
+    )
+    cache.add_argument("recipe", nargs="?", help="YAML recipe (causal task) naming the teacher and data.")
+    cache.add_argument("--cache_dir", help="Folder for the cache (resumed if it holds a partial one).")
+    cache.add_argument(
+        "--top_k", type=int, default=None, help="Entries per token; default: the most that fit 256 bytes."
+    )
+    cache.add_argument("--batch_size", type=int, default=8, help="Rows per teacher forward pass.")
     demo = commands.add_parser("demo", help="Offline demo: train a teacher, distill, compare with the baseline.")
     demo.add_argument("--output_dir", default="demo_output")
     demo.add_argument("--quick", action="store_true", help="Tiny settings (seconds): a smoke test, not a result.")
+    for command in (train, evaluate, cache):
+        command.add_argument("-h", "--help", action="store_true", help="Show this help (fields grouped) and exit.")
+    train.add_argument("--help-all", action="store_true", help="Also list every TrainingArguments field.")
+    return parser, commands.choices
 
+
+def _print_help(subparser: argparse.ArgumentParser, command: str, full: bool) -> None:
+    """The command's own options, then its fields grouped: recipe, distillation, training (summarized)."""
+    fields = _FieldParser(COMMAND_FIELDS[command])  # the field options, with their help text
+    recipe, training = _field_names(RecipeArguments), _field_names(TrainingArguments)
+    rest = _field_names(*COMMAND_FIELDS[command]) - recipe - training
+    groups = [
+        (f"options of hf-distill {command}", None),
+        ("recipe: models, data and task format (RecipeArguments)", recipe),
+        ("distillation (DistillationConfig)" if command == "train" else "teacher settings", rest - {"seed"}),
+    ]
+    if command == "train" and not full:
+        shown = set(COMMON_TRAINING_FIELDS)
+        groups.append((f"training: common TrainingArguments fields ({len(training)} in all: --help-all)", shown))
+    elif command == "train":
+        groups.append(("training (TrainingArguments)", training))
+    else:
+        groups.append(("training", {"seed"}))
+    display = argparse.ArgumentParser(
+        prog=subparser.prog, usage=f"{subparser.prog} RECIPE.yaml [options] [--field value ...]", add_help=False,
+        description="Fields are set in the recipe's YAML file (field: value) and overridden as --field value.",
+        epilog="Add --debug (or set HF_DISTILL_DEBUG=1) to see the traceback of an error.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for title, names in groups:
+        group = display.add_argument_group(title)
+        actions = subparser._actions if names is None else [a for a in fields._actions if a.dest in names]
+        for action in actions:
+            if action.option_strings:  # shown once, as --field_name (--field-name is accepted too)
+                shown = copy.copy(action)
+                shown.option_strings = [o for o in action.option_strings if "-" not in o[2:]] or action.option_strings
+                group._group_actions.append(shown)
+    print(display.format_help())
+
+
+def _run(argv: list[str]) -> int:
+    parser, commands = _build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
-        from .pipeline import train_recipe
+    if args.command == "demo":
+        if rest:
+            raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
+        run_demo(args.output_dir, quick=args.quick)
+        return 0
+    if args.help or getattr(args, "help_all", False):
+        _print_help(commands[args.command], args.command, full=getattr(args, "help_all", False))
+        return 0
+    if args.recipe is None and args.command != "train":  # train can take every field from the command line
+        raise UsageError(f"hf-distill {args.command} needs a recipe file: hf-distill {args.command} RECIPE.yaml ...")
+    parsed = parse_recipe(args.recipe, rest, command=args.command)
+    recipe = parsed[0]
 
-        recipe, config = parse_recipe(args.recipe, rest)
+    if args.command == "train":
+        config = parsed[1]
+        check_paths(recipe, {"teacher_model_name_or_path": config.teacher_model_name_or_path})
+        if config.teacher_cache and not os.path.isdir(config.teacher_cache):
+            raise UsageError(f"teacher_cache={config.teacher_cache!r}: no such folder.")
         _, table, paths = train_recipe(recipe, config)
         print(table)
         print("\n".join(f"{name}: {path}" for name, path in paths.items()))
         return 0
     if args.command == "eval":
-        import json
-
-        from .pipeline import evaluate_saved
-
-        recipe, config = parse_recipe(args.recipe, [*rest, *_NO_MIXED_PRECISION])
-        rows, table = evaluate_saved(recipe, _models_option(args.model), args.teacher, seed=config.seed)
+        if not args.model:
+            raise UsageError("hf-distill eval needs at least one --model NAME=PATH.")
+        models = _models_option(args.model)
+        check_paths(recipe, {**{f"--model {name}": path for name, path in models.items()}, "--teacher": args.teacher})
+        rows, table = evaluate_saved(recipe, models, args.teacher, seed=parsed[1].seed)
         print(table)
         if args.output:
             with open(args.output, "w", encoding="utf-8") as handle:
                 json.dump(rows, handle, indent=2)
         return 0
-    if args.command == "cache-teacher":
-        from .pipeline import cache_recipe_teacher
-
-        recipe, config = parse_recipe(args.recipe, [*rest, *_NO_MIXED_PRECISION])
-        path = cache_recipe_teacher(recipe, config, args.cache_dir, top_k=args.top_k, batch_size=args.batch_size)
-        print(f"teacher cache written to {path}; train from it with --teacher_cache {path}")
-        return 0
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from .demo import run_demo
-
-    run_demo(args.output_dir, quick=args.quick)
+    teacher = parsed[1]
+    if not args.cache_dir:
+        raise UsageError("hf-distill cache-teacher needs --cache_dir.")
+    check_paths(recipe, {"teacher_model_name_or_path": teacher.teacher_model_name_or_path})
+    path = cache_recipe_teacher(recipe, teacher, args.cache_dir, top_k=args.top_k, batch_size=args.batch_size)
+    print(f"teacher cache written to {path}; train from it with --teacher_cache {path}")
     return 0
+
+
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Take out a bare `--debug` (TrainingArguments' own `--debug` always has a value after it)."""
+    debug = os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false")
+    kept = []
+    for index, arg in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if arg == "--debug" and (following is None or following.startswith("-") or following in COMMANDS):
+            debug = True
+        else:
+            kept.append(arg)
+    return kept, debug
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, debug = _pop_debug(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return _run(argv)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split("\n"))
+        hint = "" if isinstance(error, UsageError) else " (--debug shows the traceback)"
+        print(f"hf-distill: error: {message}{hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

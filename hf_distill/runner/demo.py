@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 import yaml
+from transformers import Trainer, TrainingArguments
 
 from ..config import DistillationConfig
-from .recipe import RecipeArguments
+from ..data import default_collator
+from .pipeline import train_recipe
+from .recipe import RecipeArguments, load_raw_splits, model_columns, prepare_splits
+from .scratch import small_llama, train_bpe_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "recipes" / "data" / "bible_en_es.jsonl"
 
@@ -65,11 +68,6 @@ def demo_recipe(data_file: str, sizes: DemoSizes) -> RecipeArguments:
 
 
 def _train_teacher(teacher, tokenizer, train, output_dir: str, sizes: DemoSizes, seed: int):
-    from transformers import Trainer, TrainingArguments
-
-    from ..data import default_collator
-    from .recipe import model_columns
-
     args = TrainingArguments(
         output_dir=output_dir, max_steps=sizes.teacher_steps, per_device_train_batch_size=sizes.batch_size,
         learning_rate=2e-3, warmup_steps=max(1, sizes.teacher_steps // 20), lr_scheduler_type="cosine",
@@ -87,10 +85,6 @@ def _train_teacher(teacher, tokenizer, train, output_dir: str, sizes: DemoSizes,
 
 def run_demo(output_dir: str = "demo_output", quick: bool = False, seed: int = 0) -> list[dict]:
     """Run the demo into `output_dir` (which must be new or empty); return the table rows."""
-    from .pipeline import train_recipe
-    from .recipe import load_raw_splits, prepare_splits
-    from .scratch import small_llama, train_bpe_tokenizer
-
     sizes = QUICK if quick else DemoSizes()
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):

@@ -11,11 +11,13 @@ import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
+from ..cache import build_cache
 from ..config import DistillationConfig
-from .evaluation import evaluate_model
-from .recipe import RecipeArguments, build_student, model_columns, prepare_splits
 from ..modeling import load_model
 from ..trainer import DistillationTrainer
+from .evaluation import evaluate_model
+from .recipe import RecipeArguments, build_student, model_columns, prepare_splits
+from .report import comparison_table, write_report
 
 logger = logging.get_logger(__name__)
 
@@ -50,8 +52,6 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     Returns the report rows. Outputs: the student in `config.output_dir` (with README.md model card,
     report.md/json, training_curves.png), the baseline in `output_dir/_baseline` (left out of Hub uploads).
     """
-    from .report import comparison_table, write_report
-
     if config.teacher_model_name_or_path is None and teacher is None:
         raise ValueError("The recipe names no teacher: set teacher_model_name_or_path (used for evaluation too).")
     tokenizer = tokenizer or load_tokenizer(recipe, config)
@@ -85,18 +85,16 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
         json.dump({"samples": samples, "truncation": {k: dataclasses.asdict(v) for k, v in stats.items()}}, handle,
                   indent=2, ensure_ascii=False)
 
-    trainer.evaluation_table = table
-    trainer.dataset_name = recipe.dataset_name or recipe.data_files
-    trainer.create_model_card()
-    if config.push_to_hub:
-        trainer.push_to_hub(commit_message=f"hf-distill: {recipe.task} student distilled from {trainer.teacher_name}")
+    card = {"dataset": recipe.dataset_name or recipe.data_files, "evaluation_table": table}
+    trainer.create_model_card(**card)
+    if config.push_to_hub:  # push_to_hub writes the card again, from these arguments
+        trainer.push_to_hub(commit_message=f"hf-distill: {recipe.task} student distilled from {trainer.teacher_name}",
+                            **card)
     return rows, table, paths
 
 
 def evaluate_saved(recipe: RecipeArguments, models: dict[str, str], teacher_path: str | None, seed: int = 42):
     """Compare saved models (name → path) on the recipe's test split; agreement is measured against the teacher."""
-    from .report import comparison_table
-
     first = next(iter(models.values()))
     tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer_name_or_path or first)
     if tokenizer.pad_token is None:
@@ -113,10 +111,11 @@ def evaluate_saved(recipe: RecipeArguments, models: dict[str, str], teacher_path
     return rows, comparison_table(rows)
 
 
-def cache_recipe_teacher(recipe: RecipeArguments, config: DistillationConfig, cache_dir: str, top_k=None, batch_size=8):
-    """Build the offline teacher cache for a recipe's training split (the rows `train_recipe` trains on)."""
-    from ..cache import build_cache
+def cache_recipe_teacher(recipe: RecipeArguments, config, cache_dir: str, top_k=None, batch_size=8):
+    """Build the offline teacher cache for a recipe's training split (the rows `train_recipe` trains on).
 
+    `config` holds the teacher settings: a `DistillationConfig`, or the CLI's `TeacherArguments`.
+    """
     tokenizer = load_tokenizer(recipe, config)
     teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))
     splits, _ = prepare_splits(recipe, tokenizer, seed=config.seed)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 
+from datasets import DatasetDict, load_dataset, load_from_disk
 from transformers.utils import logging
 
-from ..modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, load_model
+from ..modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, load_model, student_from_teacher
+from .tasks import MODEL_COLUMNS, tokenize_causal, tokenize_classification, tokenize_seq2seq
 
 logger = logging.get_logger(__name__)
 
@@ -17,7 +18,82 @@ TASKS = (CAUSAL, SEQ2SEQ, CLASSIFICATION)
 
 @dataclass
 class RecipeArguments:
-    """Models, data and task format of a recipe. Every field can be overridden on the command line."""
+    r"""
+    Models, data and task format of a recipe, beside [`DistillationConfig`]. Every field can be set in the recipe's
+    YAML file and overridden on the command line as `--field value`.
+
+    Args:
+        task (`str`, defaults to `"causal"`):
+            causal (prompt → response), seq2seq (source → target) or classification (text → label).
+        student_model_name_or_path (`str`, *optional*):
+            Hub id or local folder of the student (student_init=pretrained).
+        student_init (`str`, defaults to `"pretrained"`):
+            pretrained: load student_model_name_or_path. from_teacher: copy the teacher and keep only
+            student_layers of its layers (DistilBERT-style).
+        student_layers (`list[int]`, *optional*):
+            With student_init=from_teacher: indices of the teacher layers to keep, e.g. 0 10 20 29. Default:
+            every other layer.
+        tokenizer_name_or_path (`str`, *optional*):
+            Tokenizer to use; defaults to the student's, else the teacher's.
+        dataset_name (`str`, *optional*):
+            A Hub dataset id, a folder written by save_to_disk, or a local data file
+            (.json/.jsonl/.csv/.parquet).
+        dataset_config_name (`str`, *optional*):
+            The dataset's configuration name.
+        data_files (`str`, *optional*):
+            Local json/jsonl/csv/parquet file(s) (a glob works); overrides dataset_name.
+        train_split (`str`, defaults to `"train"`):
+            Split to train on.
+        eval_split (`str`, *optional*):
+            Split for evaluation during training; carved from train when absent.
+        test_split (`str`, *optional*):
+            Split for the final report; carved from train when absent.
+        held_out_size (`int`, defaults to `200`):
+            Rows carved from train for each missing eval/test split (shuffled, seeded).
+        max_train_samples (`int`, *optional*):
+            Use at most this many training rows.
+        max_eval_samples (`int`, *optional*):
+            Use at most this many eval/test rows.
+        prompt_column (`str`, defaults to `"prompt"`):
+            causal: the column with the prompt text.
+        response_column (`str`, defaults to `"response"`):
+            causal: the column with the answer text.
+        source_column (`str`, defaults to `"source"`):
+            seq2seq / translation: source text column.
+        target_column (`str`, defaults to `"target"`):
+            seq2seq / translation: target text column.
+        text_column (`str`, defaults to `"text"`):
+            classification / sentiment: the text column.
+        label_column (`str`, defaults to `"label"`):
+            classification / sentiment: the label column.
+        translation_column (`str`, *optional*):
+            A column of {lang: text} dicts (as in Hub translation datasets); with source_lang and target_lang it
+            gives source and target.
+        source_lang (`str`, defaults to `"en"`):
+            Source language key in translation_column.
+        target_lang (`str`, defaults to `"es"`):
+            Target language key in translation_column.
+        prompt_template (`str`, defaults to `"{source}"`):
+            Format string for the prompt (causal) or source (seq2seq), over the row's fields (source, text,
+            ...), e.g. 'Translate English to Spanish: {source}'.
+        label_words (`list[str]`, *optional*):
+            Causal sentiment: the answer word of each label id (e.g. negative positive). The model is scored by
+            which word it finds most likely, with no free-form parsing.
+        use_chat_template (`bool`, defaults to `True`):
+            Wrap causal prompts in the tokenizer's chat template when it has one.
+        max_length (`int`, defaults to `256`):
+            Maximum tokens of a training row (prompt + response).
+        max_target_length (`int`, defaults to `128`):
+            seq2seq: maximum target tokens.
+        min_response_tokens (`int`, defaults to `1`):
+            Rows whose response would keep fewer tokens after truncation are dropped (counted).
+        baseline (`bool`, defaults to `False`):
+            Also train the same student for the same steps without a teacher (alpha=0) and compare.
+        max_new_tokens (`int`, defaults to `64`):
+            Generation length for translation metrics.
+        num_samples (`int`, defaults to `5`):
+            Generated samples shown in the report.
+    """
 
     task: str = field(
         default=CAUSAL,
@@ -124,8 +200,6 @@ def _builder_for(path: str) -> str:
 
 def load_raw_splits(recipe: RecipeArguments, seed: int = 42):
     """A `DatasetDict` with train, eval and test splits; missing held-out splits are carved from train."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
     source = recipe.data_files or recipe.dataset_name
     if recipe.data_files or os.path.isfile(source):
         splits = load_dataset(_builder_for(source), data_files=source)
@@ -214,10 +288,6 @@ def to_task_rows(dataset, recipe: RecipeArguments):
 
 def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42):
     """Tokenized train/eval/test splits (test keeps its raw text for scoring) and their truncation stats."""
-    from datasets import DatasetDict
-
-    from .tasks import tokenize_causal, tokenize_classification, tokenize_seq2seq
-
     prepared, stats = {}, {}
     for name, split in load_raw_splits(recipe, seed).items():
         rows = to_task_rows(split, recipe)
@@ -238,54 +308,7 @@ def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42):
 
 def model_columns(dataset):
     """Only what the model and collator take: the raw text stays out of training batches."""
-    return dataset.select_columns([c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names])
-
-
-# ---- students ------------------------------------------------------------------------------------
-
-
-def _layer_list(model):
-    """The ModuleList holding a model's repeated blocks (decoder layers of a causal LM)."""
-    import torch.nn as nn
-
-    count = model.config.get_text_config().num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise ValueError(f"Cannot find the {count} layers of {type(model).__name__} to cut a student from.")
-
-
-def student_from_teacher(teacher, layers: list[int] | None = None):
-    """A copy of the teacher keeping only `layers` (default: every other one, the last included)."""
-    if getattr(teacher.config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"student_init=from_teacher cuts the layer stack of a causal LM or an encoder classifier; "
-            f"{type(teacher).__name__} has two stacks. Give a smaller seq2seq student with student_model_name_or_path."
-        )
-    student = copy.deepcopy(teacher)
-    blocks = _layer_list(student)
-    total = len(blocks)
-    if layers is None:
-        layers = sorted(set(list(range(0, total, 2)) + [total - 1]))
-    bad = [i for i in layers if not -total <= i < total]
-    if bad or not layers:
-        raise ValueError(f"student_layers={layers} must be indices of the teacher's {total} layers (0..{total - 1}).")
-    layers = [i % total for i in layers]
-    kept = [blocks[i] for i in layers]
-    blocks._modules.clear()
-    for new_index, block in enumerate(kept):
-        blocks.append(block)
-        for module in block.modules():  # attention caches are indexed by layer
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
-    config = student.config.get_text_config()
-    config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in layers]
-    for parameter in student.parameters():
-        parameter.requires_grad_(True)
-    student.train()
-    return student
+    return dataset.select_columns([c for c in MODEL_COLUMNS if c in dataset.column_names])
 
 
 def build_student(recipe: RecipeArguments, teacher):

@@ -1,6 +1,7 @@
-"""Reports of a distillation run: a Markdown comparison table, report files with training curves, a model card.
+"""Reports of a distillation run: a Markdown comparison table and report files with training curves.
 
-Everything here is a pure function of the rows, logs and settings passed in; nothing is trained or evaluated.
+The model card lives in `hf_distill.model_card`. Everything here is a pure function of the rows, logs and settings
+passed in; nothing is trained or evaluated.
 """
 
 from __future__ import annotations
@@ -8,26 +9,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers.utils import logging
-
 
 logger = logging.get_logger(__name__)
 
 MISSING = "–"
 
-# Training logs (x = "step") and evaluation logs plotted in `training_curves.png`, in this order.
-CURVE_KEYS = ("loss", "kd_loss", "ce_loss", "eval_loss", "eval_kd_loss", "eval_ce_loss")
-
-PIPELINE_TASKS = {
-    "causal": "text-generation",
-    "seq2seq": "text2text-generation",
-    "classification": "text-classification",
+# The panels of `training_curves.png`: panel → (title, log keys in order of preference). Only like is set beside
+# like: a distilled run's `loss` blends KD and CE, so the CE panels take its `ce_loss` / `eval_ce_loss`, and fall
+# back to `loss` / `eval_loss` only for runs that log no KD term at all (their loss is plain CE).
+CURVE_PANELS = {
+    "ce_loss": ("training CE loss", ("ce_loss", "loss")),
+    "eval_ce_loss": ("held-out CE loss", ("eval_ce_loss", "eval_loss")),
+    "kd_loss": ("training KD loss", ("kd_loss",)),
+    "eval_kd_loss": ("held-out KD loss", ("eval_kd_loss",)),
 }
+_BLENDED_KEYS = {"loss", "eval_loss"}
 
 # What the usual columns mean, for the notes under the table; only columns present are explained.
 COLUMN_NOTES = {
@@ -41,17 +41,6 @@ COLUMN_NOTES = {
     "chrf": "chrF (sacrebleu, 0-100) of greedy generations against the references",
     "agreement": "fraction of target positions where the model's top-1 prediction equals the teacher's",
     "latency_ms": "forward-pass time per test example, in milliseconds",
-}
-
-LOSS_DESCRIPTIONS = {
-    "forward_kl": "forward KL, KL(teacher ‖ student)",
-    "reverse_kl": "reverse KL, KL(student ‖ teacher)",
-    "jsd": "generalized Jensen-Shannon divergence",
-    "skew_kl": "skew KL (DistiLLM)",
-    "skew_reverse_kl": "skew reverse KL (DistiLLM)",
-    "tvd": "total variation distance",
-    "mse": "mean squared error on logits",
-    "cosine": "cosine distance on logits",
 }
 
 
@@ -143,29 +132,37 @@ def _jsonable(value: Any) -> Any:
 
 
 def _curves(histories: dict[str, list[dict]]) -> dict[str, dict[str, tuple[list, list]]]:
-    """quantity → run → (steps, values) for each of `CURVE_KEYS` found in the logs."""
+    """panel → run → (steps, values), for the panels of `CURVE_PANELS` that some run logged."""
     curves: dict[str, dict[str, tuple[list, list]]] = {}
     for run, history in histories.items():
-        for entry in history or []:
-            step = entry.get("step")
-            if step is None:
-                continue
-            for key in CURVE_KEYS:
-                value = entry.get(key)
-                if _is_number(value) and math.isfinite(float(value)):
-                    steps, values = curves.setdefault(key, {}).setdefault(run, ([], []))
-                    steps.append(step)
-                    values.append(float(value))
-    return {key: curves[key] for key in CURVE_KEYS if key in curves}
+        history = [entry for entry in history or [] if entry.get("step") is not None]
+        distilled = any("kd_loss" in entry or "eval_kd_loss" in entry for entry in history)
+        for panel, (_, keys) in CURVE_PANELS.items():
+            for key in keys:
+                if distilled and key in _BLENDED_KEYS:
+                    continue
+                points = [(entry["step"], float(entry[key])) for entry in history
+                          if _is_number(entry.get(key)) and math.isfinite(float(entry[key]))]
+                if points:
+                    curves.setdefault(panel, {})[run] = ([step for step, _ in points], [value for _, value in points])
+                    break
+    return {panel: curves[panel] for panel in CURVE_PANELS if panel in curves}
 
 
-def plot_training_curves(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path:
-    """Save one subplot per logged loss (training and evaluation), one line per run, as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def plot_training_curves(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path | None:
+    """Save one subplot per loss (training and held-out CE, then KD), one line per run, as a PNG.
+
+    Returns None, and saves nothing, when matplotlib is not installed (`pip install hf-distill[plot]`).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("matplotlib is not installed: no training_curves.png (pip install 'hf-distill[plot]').")
+        return None
 
     curves = _curves(histories)
-    n_cols = min(3, max(len(curves), 1))
+    n_cols = min(2, max(len(curves), 1))
     n_rows = max(math.ceil(len(curves) / n_cols), 1)
     figure = Figure(figsize=(4.5 * n_cols, 3.4 * n_rows))
     FigureCanvasAgg(figure)  # the non-interactive Agg backend, without touching pyplot's global state
@@ -174,11 +171,11 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | os.PathLi
         axis = figure.add_subplot(1, 1, 1)
         axis.text(0.5, 0.5, "no loss logs", ha="center", va="center", transform=axis.transAxes)
         axis.set_axis_off()
-    for index, (key, runs) in enumerate(curves.items()):
+    for index, (panel, runs) in enumerate(curves.items()):
         axis = figure.add_subplot(n_rows, n_cols, index + 1)
         for run, (steps, values) in runs.items():
             axis.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=run)
-        axis.set_title(key)
+        axis.set_title(CURVE_PANELS[panel][0])
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
@@ -194,18 +191,16 @@ def write_report(
     out_dir: str | os.PathLike,
     title: str = "Distillation report",
 ) -> dict[str, Path]:
-    """Write `report.md`, `report.json` and `training_curves.png` in `out_dir`; return their paths.
+    """Write `report.md`, `report.json` and (with matplotlib) `training_curves.png` in `out_dir`; return their paths.
 
     `histories` maps a run name to its Trainer `state.log_history`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "markdown": out_dir / "report.md",
-        "json": out_dir / "report.json",
-        "curves": out_dir / "training_curves.png",
-    }
-    plot_training_curves(histories, paths["curves"])
+    paths = {"markdown": out_dir / "report.md", "json": out_dir / "report.json"}
+    curves = plot_training_curves(histories, out_dir / "training_curves.png")
+    if curves is not None:
+        paths["curves"] = curves
 
     columns = {key for row in rows for key in row}
     notes = [f"- `{column}`: {note}." for column, note in COLUMN_NOTES.items() if column in columns]
@@ -214,8 +209,9 @@ def write_report(
         f"# {title}",
         comparison_table(rows) if rows else "_No models were evaluated._",
         "## Notes\n\n" + "\n".join(notes),
-        f"## Training curves\n\n![Training curves]({paths['curves'].name})",
     ]
+    if curves is not None:
+        sections.append(f"## Training curves\n\n![Training curves]({curves.name})")
     paths["markdown"].write_text("\n\n".join(sections) + "\n", encoding="utf-8")
 
     with open(paths["json"], "w", encoding="utf-8") as handle:
@@ -223,136 +219,3 @@ def write_report(
         json.dump(report, handle, indent=2, ensure_ascii=False)
     logger.info(f"Wrote the report to {out_dir}.")
     return paths
-
-
-# ---- model card -------------------------------------------------------------------------------------------
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_CLASS_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*(For[A-Za-z]+|Model)$")  # e.g. a scratch model's LlamaForCausalLM
-_DATA_FILE = re.compile(r"\.(jsonl?|csv|tsv|parquet|txt|arrow)(\.gz)?$")
-
-
-def _looks_like_hub_id(name: Any) -> bool:
-    """Whether `name` can be a Hub repo id rather than a local path, a data file or a class name."""
-    return (
-        isinstance(name, str)
-        and bool(_HUB_ID.match(name))
-        and not _CLASS_NAME.match(name)
-        and not _DATA_FILE.search(name)
-        and not os.path.exists(name)
-    )
-
-
-def _as_list(value: Any) -> list[str]:
-    """A dataset given as a name, a list of names or a `data_files` dict, as a list of strings."""
-    if value is None:
-        return []
-    if isinstance(value, dict):
-        value = [item for items in value.values() for item in ([items] if isinstance(items, str) else items)]
-    if isinstance(value, (str, os.PathLike)):
-        value = [value]
-    return [str(item) for item in value]
-
-
-def _task(info: dict) -> str | None:
-    task = info.get("task")
-    if task is None:
-        return None
-    task = str(task).lower()
-    if task in PIPELINE_TASKS.values():
-        return task
-    return PIPELINE_TASKS.get(task)
-
-
-def model_card(info: dict, table_markdown: str | None = None) -> str:
-    """A README.md for the distilled student: YAML front matter, how it was made, evaluation and usage.
-
-    `info` may hold teacher, student, task ("causal", "seq2seq" or "classification"), dataset, loss_type,
-    temperature, alpha, beta, skew, max_steps (or steps), per_device_train_batch_size,
-    gradient_accumulation_steps, learning_rate, repo_id, license and pipeline_tag; missing keys are left out.
-    """
-    info = {key: value for key, value in info.items() if value is not None and value != ""}
-    teacher, student, repo_id = info.get("teacher"), info.get("student"), info.get("repo_id")
-    pipeline_task = _task(info)
-    datasets = _as_list(info.get("dataset", info.get("datasets")))
-
-    metadata: dict[str, Any] = {"library_name": "transformers"}
-    if "license" in info:
-        metadata["license"] = info["license"]
-    base_model = info.get("base_model", student)
-    if _looks_like_hub_id(base_model):
-        metadata["base_model"] = base_model
-    hub_datasets = [dataset for dataset in datasets if _looks_like_hub_id(dataset)]
-    if hub_datasets:
-        metadata["datasets"] = hub_datasets
-    if info.get("pipeline_tag") or pipeline_task:
-        metadata["pipeline_tag"] = info.get("pipeline_tag") or pipeline_task
-    metadata["tags"] = ["hf-distill", "knowledge-distillation"]
-
-    name = repo_id.split("/")[-1] if repo_id else "Distilled student"
-    intro = "This model was trained by knowledge distillation with hf-distill"
-    if student:
-        intro += f", starting from `{student}`"
-    if teacher:
-        intro += f", learning from the teacher `{teacher}`"
-    intro += "."
-
-    loss_type = info.get("loss_type")
-    made = []
-    if teacher:
-        made.append(f"- **Teacher:** `{teacher}`")
-    if student:
-        made.append(f"- **Student (initialization):** `{student}`")
-    if "task" in info:
-        made.append(f"- **Task:** {info['task']}" + (f" (`{pipeline_task}`)" if pipeline_task else ""))
-    if datasets:
-        made.append("- **Data:** " + ", ".join(f"`{dataset}`" for dataset in datasets))
-    if loss_type:
-        description = LOSS_DESCRIPTIONS.get(loss_type)
-        made.append(f"- **Distillation loss:** `{loss_type}`" + (f" ({description})" if description else ""))
-    if "temperature" in info:
-        made.append(f"- **Temperature:** {info['temperature']}")
-    if "alpha" in info:
-        made.append(f"- **Alpha:** {info['alpha']} (loss = alpha · KD + (1 − alpha) · CE)")
-    if "beta" in info and loss_type in (None, "jsd"):
-        made.append(f"- **Beta (JSD mixture):** {info['beta']}")
-    if "skew" in info and loss_type in (None, "skew_kl", "skew_reverse_kl"):
-        made.append(f"- **Skew:** {info['skew']}")
-    steps = info.get("max_steps")
-    if not _is_number(steps) or steps <= 0:  # Trainer's max_steps is -1 when training runs by epochs
-        steps = info.get("steps")
-    if steps is not None:
-        made.append(f"- **Training steps:** {steps}")
-    if "per_device_train_batch_size" in info:
-        made.append(f"- **Batch size per device:** {info['per_device_train_batch_size']}")
-    if "gradient_accumulation_steps" in info:
-        made.append(f"- **Gradient accumulation steps:** {info['gradient_accumulation_steps']}")
-    if "learning_rate" in info:
-        learning_rate = info["learning_rate"]
-        shown = f"{learning_rate:g}" if _is_number(learning_rate) else learning_rate
-        made.append(f"- **Learning rate:** {shown}")
-
-    model_ref = repo_id or "path/to/this/model"
-    if pipeline_task == "text-classification":
-        example = 'print(pipe("This movie was great!"))'
-    elif pipeline_task == "text2text-generation":
-        example = 'print(pipe("Translate: Hello, world!")[0]["generated_text"])'
-    else:
-        example = 'print(pipe("Hello, my name is")[0]["generated_text"])'
-    task_argument = f'"{pipeline_task}", ' if pipeline_task else ""
-    usage = (
-        "```python\n"
-        "from transformers import pipeline\n\n"
-        f'pipe = pipeline({task_argument}model="{model_ref}")\n'
-        f"{example}\n"
-        "```"
-    )
-
-    front_matter = "---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---"
-    sections = [front_matter, f"# {name}", intro]
-    if made:
-        sections.append("## How the model was made\n\n" + "\n".join(made))
-    if table_markdown:
-        sections.append("## Evaluation\n\n" + table_markdown.strip())
-    sections.append("## Usage\n\n" + usage)
-    return "\n\n".join(sections) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -28,8 +29,6 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTrai
 
 def small_llama(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int | None = None, **overrides):
     """A randomly initialised Llama-architecture causal LM of the given size."""
-    import torch
-
     settings = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -8,11 +8,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
+# What the model and the collator take from a tokenized row.
+MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
+# Per-row truncation flags written by tokenization, counted into `TruncationStats`, then removed.
+PROMPT_TRUNCATED, RESPONSE_TRUNCATED, DROP_REASON = "_prompt_truncated", "_response_truncated", "_drop_reason"
+_FLAG_COLUMNS = (PROMPT_TRUNCATED, RESPONSE_TRUNCATED, DROP_REASON)
+# Why a row is dropped, as counted in `TruncationStats.reasons`.
+EMPTY_RESPONSE = "empty response"
+SHORT_RESPONSE = "response truncated below min_response_tokens"
+EMPTY_TARGET = "empty target"
 
 
 @dataclass
@@ -48,106 +56,109 @@ def prompt_ids(tokenizer, prompt: str, use_chat_template: bool) -> list[int]:
     return ids
 
 
-def response_ids(tokenizer, response: str) -> list[int]:
-    """Token ids of the answer, closed by the end-of-sequence token so the model learns to stop."""
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-
-
 def fit_prompt_response(
-    prompt: list[int], response: list[int], max_length: int, min_response_tokens: int, stats: TruncationStats
-) -> dict[str, list[int]] | None:
-    """Join prompt and response within `max_length` tokens, or None (counted) when no response would be left.
+    prompt: list[int], response: list[int], max_length: int, min_response_tokens: int
+) -> tuple[list[int], list[int], bool, bool, str]:
+    """Fit prompt and response within `max_length` tokens.
 
     The prompt is cut from the left first (its end, next to the answer, matters most) down to half the
-    budget; then the response is cut from the right.
+    budget; then the response is cut from the right. Returns (prompt, response, prompt cut, response cut,
+    why the row is dropped or "").
     """
-    stats.rows += 1
     if len(response) == 0:
-        stats.dropped += 1
-        stats.reasons["empty response"] = stats.reasons.get("empty response", 0) + 1
-        return None
+        return prompt, response, False, False, EMPTY_RESPONSE
+    prompt_cut = response_cut = False
     if len(prompt) + len(response) > max_length:
         keep_prompt = max(max_length - len(response), min(len(prompt), max_length // 2))
         if keep_prompt < len(prompt):
-            prompt = prompt[len(prompt) - keep_prompt :]
-            stats.prompts_truncated += 1
+            prompt, prompt_cut = prompt[len(prompt) - keep_prompt :], True
         if len(prompt) + len(response) > max_length:
-            response = response[: max_length - len(prompt)]
-            stats.responses_truncated += 1
-    if len(response) < min_response_tokens:
-        stats.dropped += 1
-        stats.reasons["response truncated below min_response_tokens"] = (
-            stats.reasons.get("response truncated below min_response_tokens", 0) + 1
-        )
-        return None
-    stats.kept += 1
-    ids = prompt + response
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt) + response}
+            response, response_cut = response[: max_length - len(prompt)], True
+    return prompt, response, prompt_cut, response_cut, SHORT_RESPONSE if len(response) < min_response_tokens else ""
 
 
-def tokenize_causal(dataset, tokenizer, *, max_length: int, min_response_tokens: int = 1, use_chat_template: bool = True):
-    """Rows with `prompt` and `response` strings → input_ids / attention_mask / labels (prompt masked)."""
-    stats = TruncationStats()
-    features = {"input_ids": [], "attention_mask": [], "labels": [], "row": []}
-    for index, row in enumerate(dataset):
-        fitted = fit_prompt_response(
-            prompt_ids(tokenizer, row["prompt"], use_chat_template),
-            response_ids(tokenizer, row["response"]),
-            max_length,
-            min_response_tokens,
-            stats,
-        )
-        if fitted is not None:
-            for key, value in fitted.items():
-                features[key].append(value)
-            features["row"].append(index)
-    return _with_raw_columns(dataset, features), stats
+def _empty_columns() -> dict[str, list]:
+    return {column: [] for column in (*MODEL_COLUMNS, *_FLAG_COLUMNS)}
+
+
+def _add_row(out: dict, input_ids: list[int], labels, prompt_cut: bool, response_cut: bool, reason: str) -> None:
+    out["input_ids"].append(input_ids)
+    out["attention_mask"].append([1] * len(input_ids))
+    out["labels"].append(labels)
+    out[PROMPT_TRUNCATED].append(prompt_cut)
+    out[RESPONSE_TRUNCATED].append(response_cut)
+    out[DROP_REASON].append(reason)
+
+
+def _count_and_drop(tokenized) -> tuple[Any, TruncationStats]:
+    """Count the per-row truncation flags into `TruncationStats`, then drop the flagged rows and the flags.
+
+    The counts are read from columns, not gathered as side effects of `map`, so a cached `map` counts the same.
+    """
+    if DROP_REASON not in tokenized.column_names:  # an empty split: map had no row to run on
+        return tokenized, TruncationStats()
+    reasons = Counter(reason for reason in tokenized[DROP_REASON] if reason)
+    dropped = sum(reasons.values())
+    stats = TruncationStats(
+        rows=len(tokenized), kept=len(tokenized) - dropped, prompts_truncated=sum(tokenized[PROMPT_TRUNCATED]),
+        responses_truncated=sum(tokenized[RESPONSE_TRUNCATED]), dropped=dropped, reasons=dict(reasons),
+    )
+    if dropped:
+        tokenized = tokenized.filter(lambda reason: not reason, input_columns=DROP_REASON)
+    return tokenized.remove_columns(list(_FLAG_COLUMNS)), stats
+
+
+def tokenize_causal(
+    dataset, tokenizer, *, max_length: int, min_response_tokens: int = 1, use_chat_template: bool = True
+):
+    """Rows with `prompt` and `response` strings → input_ids / attention_mask / labels (prompt masked).
+
+    The raw columns of the rows kept stay beside the tokenized ones (evaluation scores against them).
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def tokenize(batch):
+        out = _empty_columns()
+        # The answer is closed by the end-of-sequence token so the model learns to stop.
+        responses = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
+        for text, response in zip(batch["prompt"], responses):
+            prompt = prompt_ids(tokenizer, text, use_chat_template)
+            prompt, response, prompt_cut, response_cut, reason = fit_prompt_response(
+                prompt, response + eos, max_length, min_response_tokens
+            )
+            _add_row(out, prompt + response, [-100] * len(prompt) + response, prompt_cut, response_cut, reason)
+        return out
+
+    return _count_and_drop(dataset.map(tokenize, batched=True, desc="Tokenizing prompt → response"))
 
 
 def tokenize_seq2seq(dataset, tokenizer, *, max_length: int, max_target_length: int):
     """Rows with `source` and `target` strings → input_ids / attention_mask / labels."""
-    stats = TruncationStats()
-    features = {"input_ids": [], "attention_mask": [], "labels": [], "row": []}
-    for index, row in enumerate(dataset):
-        stats.rows += 1
-        source = tokenizer(row["source"], truncation=False)["input_ids"]
-        target = tokenizer(text_target=row["target"], truncation=False)["input_ids"]
-        if len(source) > max_length:
-            source = source[: max_length - 1] + source[-1:]  # keep the closing eos
-            stats.prompts_truncated += 1
-        if len(target) > max_target_length:
-            target = target[: max_target_length - 1] + target[-1:]
-            stats.responses_truncated += 1
-        if not row["target"].strip():
-            stats.dropped += 1
-            stats.reasons["empty target"] = stats.reasons.get("empty target", 0) + 1
-            continue
-        stats.kept += 1
-        features["input_ids"].append(source)
-        features["attention_mask"].append([1] * len(source))
-        features["labels"].append(target)
-        features["row"].append(index)
-    return _with_raw_columns(dataset, features), stats
+
+    def tokenize(batch):
+        out = _empty_columns()
+        sources = tokenizer(batch["source"], truncation=False)["input_ids"]
+        targets = tokenizer(text_target=batch["target"], truncation=False)["input_ids"]
+        for source, target, text in zip(sources, targets, batch["target"]):
+            source_cut, target_cut = len(source) > max_length, len(target) > max_target_length
+            if source_cut:
+                source = source[: max_length - 1] + source[-1:]  # keep the closing eos
+            if target_cut:
+                target = target[: max_target_length - 1] + target[-1:]
+            _add_row(out, source, target, source_cut, target_cut, "" if text.strip() else EMPTY_TARGET)
+        return out
+
+    return _count_and_drop(dataset.map(tokenize, batched=True, desc="Tokenizing source → target"))
 
 
 def tokenize_classification(dataset, tokenizer, *, max_length: int):
     """Rows with `text` and integer `label` → input_ids / attention_mask / labels."""
-    stats = TruncationStats(rows=len(dataset), kept=len(dataset))
-    encoded = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length)
-    stats.prompts_truncated = sum(len(ids) >= max_length for ids in encoded["input_ids"])
-    features = {**encoded, "labels": [int(label) for label in dataset["label"]], "row": list(range(len(dataset)))}
-    return _with_raw_columns(dataset, features), stats
 
+    def tokenize(batch):
+        out = _empty_columns()
+        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]
+        for ids, label in zip(encoded, batch["label"]):
+            _add_row(out, ids, int(label), len(ids) >= max_length, False, "")
+        return out
 
-def _with_raw_columns(dataset, features):
-    """The tokenized rows, keeping the raw text columns of the rows that survived (for evaluation)."""
-    from datasets import Dataset
-
-    rows = features.pop("row")
-    tokenized = Dataset.from_dict(features)
-    raw = dataset.select(rows)
-    for column in raw.column_names:
-        if column not in tokenized.column_names:
-            tokenized = tokenized.add_column(column, raw[column])
-    return tokenized
+    return _count_and_drop(dataset.map(tokenize, batched=True, desc="Tokenizing text → label"))
