@@ -118,6 +118,23 @@ def prune_student(teacher, batches: list[dict], num_layers: int | None = None, i
     return student
 
 
+def describe_student(model) -> str | None:
+    """How a student was made from its teacher, from what its config records (None for other students)."""
+    config = model.config
+    source = getattr(config, "distill_source_layers", None)
+    if source is None:
+        return None
+    pruning = getattr(config, "distill_pruning", None) or {}
+    teacher_layers = pruning.get("teacher_layers")
+    of = f" of the teacher's {teacher_layers}" if teacher_layers else " of the teacher's"
+    how = "chosen by block influence" if pruning.get("method") == "block_influence" else "kept at fixed positions"
+    text = f"{len(source)}{of} layers ({', '.join(map(str, source))}), {how}"
+    if "intermediate_size" in pruning:
+        text += (f"; MLPs pruned to {pruning['intermediate_size']} of {pruning['teacher_intermediate_size']} "
+                 "channels by activation importance")
+    return text
+
+
 def _mlp(block) -> nn.Module:
     mlp = getattr(block, "mlp", None)
     if mlp is None or not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):

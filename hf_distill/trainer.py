@@ -26,6 +26,7 @@ from .loss import (
     default_layer_map,
 )
 from .model_card import distillation_model_card
+from .pruning import describe_student
 from .modeling import (
     CAUSAL,
     CLASSIFICATION,
@@ -392,6 +393,7 @@ class DistillationTrainer(Trainer):
             "steps": self.state.global_step,
             "repo_id": getattr(self, "hub_model_id", None) or model_name,
             "license": license,
+            "student_made_by": describe_student(student),
             **{key: getattr(self.args, key) for key in (
                 "loss_type", "temperature", "alpha", "beta", "skew", "hidden_loss_weight",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, pipeline
 
@@ -319,3 +318,55 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--output_dir", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (out / "student" / "report.md").read_text() == before
+
+
+# ---- students made from the teacher, and plain-text language modeling ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep_teacher_dir(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("deep")
+    teacher = sharpen(small_llama(len(tokenizer), hidden_size=48, num_layers=6, seed=2), 5.0)
+    teacher.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def test_prune_command_saves_a_student_that_reloads_and_generates(tmp_path, deep_teacher_dir, capsys):
+    out = tmp_path / "student"
+    code = main(["prune", str(deep_teacher_dir), "--output_dir", str(out), "--num_layers", "3",
+                 "--intermediate_size", "96", "--data_files", DATA, "--text_column", "translation.en", "--rows", "8"])
+    assert code == 0
+    assert "3 of the teacher's 6 layers" in capsys.readouterr().out
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.num_hidden_layers == 3 and student.config.intermediate_size == 96
+    generator = pipeline("text-generation", model=str(out))
+    assert generator("And God said", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("And God said")
+    # a second run never overwrites the student
+    capsys.readouterr()
+    assert main(["prune", str(deep_teacher_dir), "--output_dir", str(out), "--num_layers", "2", "--data_files", DATA,
+                 "--text_column", "translation.en"]) == 2
+    one_line_error(capsys, "not empty")
+
+
+def test_lm_from_teacher_recipe(tmp_path, deep_teacher_dir, capsys):
+    out = tmp_path / "lm"
+    code = main([
+        "train", str(REPO / "recipes" / "lm_from_teacher.yaml"), "--teacher_model_name_or_path", str(deep_teacher_dir),
+        "--dataset_name", DATA, "--student_num_layers", "2", "--max_length", "32", "--max_train_samples", "200",
+        "--output_dir", str(out), *FAST,
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| teacher |" in printed and "| distilled |" in printed and "| baseline (no teacher) |" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert "2 of the teacher's 6 layers" in report["student"] and "block influence" in report["student"]
+    rows = {row["model"]: row for row in report["rows"]}
+    assert rows["distilled"]["layers"] == 2 and rows["distilled"]["size_vs_teacher"] < 1
+    assert "perplexity" in rows["distilled"] and "bleu" not in rows["distilled"]  # plain text: perplexity is the metric
+    history = report["histories"]["distilled"]
+    assert any("hidden_loss" in log for log in history)  # the recipe's hidden-state term is on
+    assert (out / "_baseline").is_dir()
+    assert "block influence" in (out / "README.md").read_text()
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert len(student.config.distill_source_layers) == 2

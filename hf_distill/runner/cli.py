@@ -3,6 +3,7 @@
     hf-distill train recipes/translation.yaml --max_steps 200 --alpha 0.7
     hf-distill eval recipes/translation.yaml --model student=runs/translation --model teacher=Helsinki-NLP/opus-mt-en-es
     hf-distill cache-teacher recipes/translation_causal.yaml --cache_dir cache/  # then train with --teacher_cache cache/
+    hf-distill prune TEACHER --output_dir student/ --num_layers 10 --data_files text.jsonl  # a student made alone
     hf-distill demo
     accelerate launch -m hf_distill.runner.cli train recipes/translation.yaml    # multi-GPU
 
@@ -30,11 +31,12 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..config import DistillationConfig
 from ..model_card import looks_like_hub_id
 from .demo import run_demo
-from .pipeline import cache_recipe_teacher, evaluate_saved, train_recipe
+from ..pruning import describe_student
+from .pipeline import cache_recipe_teacher, evaluate_saved, prune_from_files, train_recipe
 from .recipe import RecipeArguments
 
 DEBUG_ENV = "HF_DISTILL_DEBUG"
-COMMANDS = ("train", "eval", "cache-teacher", "demo")
+COMMANDS = ("train", "eval", "cache-teacher", "prune", "demo")
 
 # The TrainingArguments fields `hf-distill train --help` shows; `--help-all` lists every one.
 COMMON_TRAINING_FIELDS = (
@@ -201,6 +203,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         "--top_k", type=int, default=None, help="Entries per token; default: the most that fit 256 bytes."
     )
     cache.add_argument("--batch_size", type=int, default=8, help="Rows per teacher forward pass.")
+    prune = commands.add_parser(
+        "prune", help="Make a student from a causal teacher by importance (depth and/or MLP width) and save it."
+    )
+    prune.add_argument("teacher", help="Local folder or Hub id of the teacher (a causal LM).")
+    prune.add_argument("--output_dir", required=True, help="Folder for the student (must not hold one already).")
+    prune.add_argument("--num_layers", type=int, help="Layers to keep, chosen by block influence.")
+    prune.add_argument("--intermediate_size", type=int, help="MLP channels to keep, by activation importance.")
+    prune.add_argument("--data_files", required=True, help="Calibration text: a .json/.jsonl/.csv/.parquet file.")
+    prune.add_argument("--text_column", default="text", help="The text column; a.b reads a nested field (translation.en).")
+    prune.add_argument("--rows", type=int, default=16, help="Calibration rows.")
+    prune.add_argument("--max_length", type=int, default=128, help="Tokens per calibration row.")
     demo = commands.add_parser("demo", help="Offline demo: train a teacher, distill, compare with the baseline.")
     demo.add_argument("--output_dir", default="demo_output")
     demo.add_argument("--quick", action="store_true", help="Tiny settings (seconds): a smoke test, not a result.")
@@ -252,6 +265,10 @@ def _run(argv: list[str]) -> int:
             raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
         run_demo(args.output_dir, quick=args.quick)
         return 0
+    if args.command == "prune":
+        if rest:
+            raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
+        return _prune(args)
     if args.help or getattr(args, "help_all", False):
         _print_help(commands[args.command], args.command, full=getattr(args, "help_all", False))
         return 0
@@ -286,6 +303,26 @@ def _run(argv: list[str]) -> int:
     check_paths(recipe, {"teacher_model_name_or_path": teacher.teacher_model_name_or_path})
     path = cache_recipe_teacher(recipe, teacher, args.cache_dir, top_k=args.top_k, batch_size=args.batch_size)
     print(f"teacher cache written to {path}; train from it with --teacher_cache {path}")
+    return 0
+
+
+def _prune(args) -> int:
+    """`hf-distill prune`: score the teacher on calibration text, keep the most important parts, save the student."""
+    if args.num_layers is None and args.intermediate_size is None:
+        raise UsageError("hf-distill prune needs --num_layers and/or --intermediate_size.")
+    if not glob.glob(args.data_files):
+        raise UsageError(f"--data_files {args.data_files!r}: no such file.")
+    if _looks_local(args.teacher) and not os.path.isdir(os.path.expanduser(args.teacher)):
+        raise UsageError(f"teacher {args.teacher!r}: no such folder.")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir!r} is not empty; choose another folder (nothing was changed).")
+    student, tokenizer = prune_from_files(
+        args.teacher, args.data_files, args.text_column, args.rows, args.max_length, args.num_layers, args.intermediate_size
+    )
+    student.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"student ({describe_student(student)}; {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
+          f"parameters) saved to {args.output_dir}")
     return 0
 
 

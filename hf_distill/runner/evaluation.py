@@ -22,6 +22,11 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in unwrap_model(model).parameters())
 
 
+def layer_count(model) -> int | None:
+    config = unwrap_model(model).config.get_text_config()
+    return getattr(config, "num_hidden_layers", None)
+
+
 def _device(model) -> torch.device:
     return next(unwrap_model(model).parameters()).device
 
@@ -141,9 +146,11 @@ def generate(model, test, tokenizer, max_new_tokens: int, use_chat_template: boo
 
 def evaluate_model(name, model, test, tokenizer, recipe, teacher=None) -> tuple[dict, list[dict]]:
     """One row of the comparison table, and generated samples (translation)."""
-    row = {"model": name, "parameters": parameter_count(model)}
+    row = {"model": name, "parameters": parameter_count(model), "layers": layer_count(model)}
     row.update(loss_and_agreement(model, test, tokenizer, teacher))
     samples = []
+    if recipe.packing:  # plain text: held-out perplexity is the metric
+        return row, samples
     if recipe.task == CLASSIFICATION or recipe.label_words:
         if recipe.task == CLASSIFICATION:
             predictions = classify(model, test, tokenizer)

@@ -8,15 +8,18 @@ import json
 import os
 
 import torch
+from datasets import load_dataset
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
 from ..cache import build_cache
 from ..config import DistillationConfig
+from ..data import default_collator
 from ..modeling import load_model
+from ..pruning import describe_student, prune_student
 from ..trainer import DistillationTrainer
 from .evaluation import evaluate_model
-from .recipe import RecipeArguments, build_student, model_columns, prepare_splits
+from .recipe import RecipeArguments, build_student, builder_for, model_columns, prepare_splits
 from .report import comparison_table, write_report
 
 logger = logging.get_logger(__name__)
@@ -29,6 +32,13 @@ def load_tokenizer(recipe: RecipeArguments, config: DistillationConfig):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def calibration_batches(train, tokenizer, recipe: RecipeArguments, batch_size: int = 4) -> list[dict]:
+    """The first `recipe.calibration_rows` training rows as padded batches, for pruning the student."""
+    rows = model_columns(train).select(range(min(recipe.calibration_rows, len(train))))
+    collator = default_collator(recipe.task, tokenizer)
+    return [collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))]) for start in range(0, len(rows), batch_size)]
 
 
 def _train(student, teacher, config, splits, tokenizer, callbacks=None) -> DistillationTrainer:
@@ -57,8 +67,8 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     tokenizer = tokenizer or load_tokenizer(recipe, config)
     if teacher is None:
         teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))
-    student = build_student(recipe, teacher)
     splits, stats = prepare_splits(recipe, tokenizer, seed=config.seed)
+    student = build_student(recipe, teacher, calibration_batches(splits["train"], tokenizer, recipe))
     initial_student = copy.deepcopy(student) if recipe.baseline else None
 
     # Pushed once, at the end, with the model card and evaluation table (not at every save).
@@ -78,9 +88,13 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     for name, (model, _) in runs.items():
         row, samples[name] = evaluate_model(name, model, splits["test"], tokenizer, recipe, teacher=teacher)
         rows.append(row)
+    for row in rows[1:]:
+        row["size_vs_teacher"] = row["parameters"] / rows[0]["parameters"]
     table = comparison_table(rows)
     histories = {name: run.state.log_history for name, (_, run) in runs.items()}
-    paths = write_report(rows, histories, config.output_dir, title=f"Distillation report: {recipe.task}")
+    paths = write_report(
+        rows, histories, config.output_dir, title=f"Distillation report: {recipe.task}", student=describe_student(student)
+    )
     with open(os.path.join(config.output_dir, "samples.json"), "w", encoding="utf-8") as handle:
         json.dump({"samples": samples, "truncation": {k: dataclasses.asdict(v) for k, v in stats.items()}}, handle,
                   indent=2, ensure_ascii=False)
@@ -124,3 +138,23 @@ def cache_recipe_teacher(recipe: RecipeArguments, config, cache_dir: str, top_k=
         distill_all_tokens=config.distill_all_tokens, batch_size=batch_size,
         teacher_name=config.teacher_model_name_or_path,
     )
+
+
+def prune_from_files(teacher_path, data_files, text_column, rows, max_length, num_layers=None, intermediate_size=None):
+    """(student, tokenizer): a causal teacher pruned by importance on `rows` of calibration text from `data_files`."""
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    data = load_dataset(builder_for(data_files), data_files=data_files, split="train")
+    head, *nested = text_column.split(".")
+    if head not in data.column_names:
+        raise ValueError(f"{data_files} has columns {data.column_names}, not {head!r}; set --text_column.")
+    texts = []
+    for value in data.select(range(min(rows, len(data))))[head]:
+        for key in nested:
+            value = value[key]
+        texts.append(value)
+    batches = [
+        dict(tokenizer(texts[i : i + 4], truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+        for i in range(0, len(texts), 4)
+    ]
+    teacher = load_model(teacher_path, kind="causal")
+    return prune_student(teacher, batches, num_layers, intermediate_size), tokenizer

@@ -9,7 +9,8 @@ from datasets import DatasetDict, load_dataset, load_from_disk
 from transformers.utils import logging
 
 from ..modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, load_model, student_from_teacher
-from .tasks import MODEL_COLUMNS, tokenize_causal, tokenize_classification, tokenize_seq2seq
+from ..pruning import prune_student
+from .tasks import MODEL_COLUMNS, tokenize_causal, tokenize_classification, tokenize_seq2seq, tokenize_text
 
 logger = logging.get_logger(__name__)
 
@@ -33,6 +34,17 @@ class RecipeArguments:
         student_layers (`list[int]`, *optional*):
             With student_init=from_teacher: indices of the teacher layers to keep, e.g. 0 10 20 29. Default:
             every other layer.
+        student_num_layers (`int`, *optional*):
+            Make the student from the teacher with this many layers, chosen by block influence on calibration
+            rows of the training data (`hf_distill.pruning`); implies student_init=from_teacher.
+        student_intermediate_size (`int`, *optional*):
+            Also prune every MLP to this many channels by activation importance (Llama-style gated MLPs).
+        calibration_rows (`int`, defaults to `16`):
+            Training rows the pruning scores layers and channels on.
+        packing (`bool`, defaults to `False`):
+            Plain-text language modeling (causal): each row's text (text_column, or source_lang of
+            translation_column) is tokenized whole, every token is a target, and the rows are joined with EOS
+            and packed into max_length blocks.
         tokenizer_name_or_path (`str`, *optional*):
             Tokenizer to use; defaults to the student's, else the teacher's.
         dataset_name (`str`, *optional*):
@@ -113,6 +125,21 @@ class RecipeArguments:
         metadata={"help": "With student_init=from_teacher: indices of the teacher layers to keep, e.g. 0 10 20 29. "
                   "Default: every other layer."},
     )
+    student_num_layers: int | None = field(
+        default=None,
+        metadata={"help": "Make the student from the teacher with this many layers, chosen by block influence on "
+                  "calibration rows of the training data (hf_distill.pruning); implies student_init=from_teacher."},
+    )
+    student_intermediate_size: int | None = field(
+        default=None,
+        metadata={"help": "Also prune every MLP to this many channels by activation importance (Llama-style MLPs)."},
+    )
+    calibration_rows: int = field(default=16, metadata={"help": "Training rows the pruning scores layers and channels on."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Plain-text LM (causal): each row's text (text_column, or source_lang of translation_column) "
+                  "is tokenized whole, every token a target, rows joined with EOS and packed into max_length blocks."},
+    )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer to use; defaults to the student's, else the teacher's."}
     )
@@ -180,8 +207,20 @@ class RecipeArguments:
             raise ValueError(f"task={self.task!r}; choose one of {', '.join(TASKS)}.")
         if self.student_init not in ("pretrained", "from_teacher"):
             raise ValueError(f"student_init={self.student_init!r}; choose pretrained or from_teacher.")
+        if self.student_num_layers is not None or self.student_intermediate_size is not None:
+            if self.student_model_name_or_path:
+                raise ValueError(
+                    "student_num_layers / student_intermediate_size make the student from the teacher; drop "
+                    f"student_model_name_or_path={self.student_model_name_or_path!r}, or drop them to load that student."
+                )
+            self.student_init = "from_teacher"
         if self.student_init == "pretrained" and not self.student_model_name_or_path:
-            raise ValueError("student_model_name_or_path is required with student_init=pretrained.")
+            raise ValueError(
+                "student_model_name_or_path is required with student_init=pretrained (or make the student from the "
+                "teacher with student_num_layers)."
+            )
+        if self.packing and self.task != CAUSAL:
+            raise ValueError(f"packing=True is plain-text language modeling, for task=causal (not {self.task!r}).")
         if self.dataset_name is None and self.data_files is None:
             raise ValueError("Give the data: dataset_name (Hub id, save_to_disk folder or file) or data_files.")
 
@@ -191,7 +230,7 @@ class RecipeArguments:
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _builder_for(path: str) -> str:
+def builder_for(path: str) -> str:
     extension = os.path.splitext(path.replace("*", ""))[1].lower()
     if extension not in _FILE_BUILDERS:
         raise ValueError(f"Cannot read {path!r}: use a .json, .jsonl, .csv or .parquet file, or a save_to_disk folder.")
@@ -202,7 +241,7 @@ def load_raw_splits(recipe: RecipeArguments, seed: int = 42):
     """A `DatasetDict` with train, eval and test splits; missing held-out splits are carved from train."""
     source = recipe.data_files or recipe.dataset_name
     if recipe.data_files or os.path.isfile(source):
-        splits = load_dataset(_builder_for(source), data_files=source)
+        splits = load_dataset(builder_for(source), data_files=source)
     elif os.path.isdir(source) and any(
         os.path.exists(os.path.join(source, name)) for name in ("dataset_dict.json", "dataset_info.json")
     ):
@@ -263,6 +302,8 @@ def to_task_rows(dataset, recipe: RecipeArguments):
 
     if recipe.translation_column:
         require(recipe.translation_column)
+    elif recipe.packing:
+        require(recipe.text_column)
     elif recipe.task == SEQ2SEQ or (recipe.task == CAUSAL and not recipe.label_words and recipe.prompt_column not in columns):
         require(recipe.source_column, recipe.target_column)
     if recipe.task == CLASSIFICATION or recipe.label_words:
@@ -270,6 +311,8 @@ def to_task_rows(dataset, recipe: RecipeArguments):
 
     def build(row):
         values = fields(row)
+        if recipe.packing:
+            return {"text": values.get("text", values.get("source"))}
         if recipe.task == CLASSIFICATION:
             return {"text": values["text"], "label": int(values["label"])}
         if recipe.label_words:  # a causal LM that answers with a label word
@@ -291,7 +334,9 @@ def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42):
     prepared, stats = {}, {}
     for name, split in load_raw_splits(recipe, seed).items():
         rows = to_task_rows(split, recipe)
-        if recipe.task == CAUSAL:
+        if recipe.packing:
+            prepared[name], stats[name] = tokenize_text(rows, tokenizer, max_length=recipe.max_length)
+        elif recipe.task == CAUSAL:
             prepared[name], stats[name] = tokenize_causal(
                 rows, tokenizer, max_length=recipe.max_length, min_response_tokens=recipe.min_response_tokens,
                 use_chat_template=recipe.use_chat_template,
@@ -311,7 +356,10 @@ def model_columns(dataset):
     return dataset.select_columns([c for c in MODEL_COLUMNS if c in dataset.column_names])
 
 
-def build_student(recipe: RecipeArguments, teacher):
+def build_student(recipe: RecipeArguments, teacher, calibration: list[dict] | None = None):
+    """The recipe's student: loaded, cut from the teacher at fixed layers, or pruned from it by importance."""
+    if recipe.student_num_layers is not None or recipe.student_intermediate_size is not None:
+        return prune_student(teacher, calibration, recipe.student_num_layers, recipe.student_intermediate_size)
     if recipe.student_init == "from_teacher":
         return student_from_teacher(teacher, recipe.student_layers)
     kwargs = {}

@@ -32,6 +32,8 @@ _BLENDED_KEYS = {"loss", "eval_loss"}
 # What the usual columns mean, for the notes under the table; only columns present are explained.
 COLUMN_NOTES = {
     "parameters": "number of parameters of the model",
+    "layers": "number of transformer layers",
+    "size_vs_teacher": "parameters as a fraction of the teacher's",
     "eval_loss": "mean cross-entropy on the test split's target tokens (labels)",
     "perplexity": "exp(eval_loss)",
     "accuracy": "fraction of test examples classified correctly",
@@ -190,10 +192,11 @@ def write_report(
     histories: dict[str, list[dict]],
     out_dir: str | os.PathLike,
     title: str = "Distillation report",
+    student: str | None = None,
 ) -> dict[str, Path]:
     """Write `report.md`, `report.json` and (with matplotlib) `training_curves.png` in `out_dir`; return their paths.
 
-    `histories` maps a run name to its Trainer `state.log_history`.
+    `histories` maps a run name to its Trainer `state.log_history`; `student` says how the student was made.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,6 +210,7 @@ def write_report(
     notes.append(f"- {MISSING} marks a value that was not measured for that model.")
     sections = [
         f"# {title}",
+        *([f"Student: {student}."] if student else []),
         comparison_table(rows) if rows else "_No models were evaluated._",
         "## Notes\n\n" + "\n".join(notes),
     ]
@@ -215,7 +219,7 @@ def write_report(
     paths["markdown"].write_text("\n\n".join(sections) + "\n", encoding="utf-8")
 
     with open(paths["json"], "w", encoding="utf-8") as handle:
-        report = _jsonable({"title": title, "rows": rows, "histories": histories})
+        report = _jsonable({"title": title, "student": student, "rows": rows, "histories": histories})
         json.dump(report, handle, indent=2, ensure_ascii=False)
     logger.info(f"Wrote the report to {out_dir}.")
     return paths

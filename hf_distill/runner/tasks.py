@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..data import pack_dataset
+
 # What the model and the collator take from a tokenized row.
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
 # Per-row truncation flags written by tokenization, counted into `TruncationStats`, then removed.
@@ -130,6 +132,16 @@ def tokenize_causal(
         return out
 
     return _count_and_drop(dataset.map(tokenize, batched=True, desc="Tokenizing prompt → response"))
+
+
+def tokenize_text(dataset, tokenizer, *, max_length: int):
+    """Rows with a `text` string → packed `max_length` blocks of input_ids / attention_mask / labels (every token)."""
+    ids = dataset.map(
+        lambda batch: {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+        batched=True, remove_columns=dataset.column_names, desc="Tokenizing text",
+    )
+    blocks = pack_dataset(ids, max_length, separator_id=tokenizer.eos_token_id)
+    return blocks, TruncationStats(rows=len(dataset), kept=len(dataset))
 
 
 def tokenize_seq2seq(dataset, tokenizer, *, max_length: int, max_target_length: int):
