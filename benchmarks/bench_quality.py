@@ -23,7 +23,6 @@ student init, data, steps and seed. Results append to benchmarks/results/quality
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -216,7 +215,7 @@ def main():
 
 def print_table(rows, teacher_ppl):
     twins = {(r["seed"], r["student"]): r["ppl"] for r in rows if r["settings"].get("alpha") == 0.0 and not r["settings"].get("hidden_loss_weight")}
-    print(f"\n| arm | seed | student | held-out ppl | no-teacher twin | gap closed | s/step |\n|---|---|---|---|---|---|---|")
+    print("\n| arm | seed | student | held-out ppl | no-teacher twin | gap closed | s/step |\n|---|---|---|---|---|---|---|")
     for r in rows:
         twin = twins.get((r["seed"], r["student"]))
         closed = "" if twin is None else f"{100 * (twin - r['ppl']) / (twin - teacher_ppl):.0f}%"

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
-from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill import DistillationTrainer
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
 
 from conftest import english_lines, spanish_lines

@@ -23,3 +23,10 @@ from .buckets import CachedTeacher, tail_log_mass, top_k_entries
 from .divergences import LOSS_TYPES, check_loss_settings, cross_entropy_per_position
 from .hidden import HIDDEN_LOSS_TYPES, default_layer_map
 from .objective import DistillationLoss, LossOutput, StudentOutput, TeacherOutput
+
+__all__ = [
+    "CachedTeacher", "DistillationLoss", "HIDDEN_LOSS_TYPES", "LOSS_TYPES", "LossOutput", "LossSettings",
+    "PositionTargets", "StudentOutput", "TeacherHidden", "TeacherLogits", "TeacherOutput", "blended_loss",
+    "check_loss_settings", "chunked_blended_loss", "cross_entropy_per_position", "default_chunk_size",
+    "default_layer_map", "distillation_loss", "tail_log_mass", "token_divergence", "top_k_entries",
+]

@@ -24,7 +24,6 @@ from .blended import (
     chunked_blended_loss,
     default_chunk_size,
 )
-from .buckets import CachedTeacher
 from .divergences import check_loss_settings
 from .hidden import HIDDEN_LOSS_TYPES, hidden_state_sum
 
@@ -140,5 +139,3 @@ class DistillationLoss:
         loss = loss + 0.0 * student.anchor.sum()
         return LossOutput(loss, kd_sum, ce_sum, hidden_sum)
 
-
-__all__ = ["CachedTeacher", "DistillationLoss", "LossOutput", "StudentOutput", "TeacherOutput"]
