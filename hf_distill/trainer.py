@@ -221,8 +221,8 @@ class DistillationTrainer(Trainer):
         mode = "train" if model.training else "eval"
         targets, ce_mask, kd_mask = self._target_positions(inputs)
         select = ce_mask | kd_mask
-        across_processes = torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2
-        counts = num_items_in_batch if across_processes else torch.stack([ce_mask.sum(), kd_mask.sum()])
+        accumulated = torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2
+        counts = num_items_in_batch if accumulated else torch.stack([ce_mask.sum(), kd_mask.sum()])
         n_ce, n_kd = (int(c) for c in counts)
         if n_ce == 0 and n_kd == 0:
             logger.warning(
@@ -238,8 +238,8 @@ class DistillationTrainer(Trainer):
         self._check_finite(result)
         self._record(mode, result, kd_mask.sum() if teacher is not None else 0, ce_mask.sum())
         loss = result.loss
-        if across_processes and mode == "train" and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        if accumulated and mode == "train" and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the counts are global already
         return (loss, outputs) if return_outputs else loss
 
     def _needs_teacher(self, mode: str, select: torch.Tensor) -> bool:
@@ -250,7 +250,7 @@ class DistillationTrainer(Trainer):
     def _run_student(self, model, inputs, select) -> tuple[Any, StudentOutput]:
         chunked = self._chunking_works("student", model, inputs)
         outputs = self._forward(model, inputs, chunked)
-        layers = self._layer_outputs(outputs, [i for i in range(len(self.layer_map or []))], select)
+        layers = self._layer_outputs(outputs, range(len(self.layer_map or [])), select)
         if chunked:
             head = unwrap_model(model).get_output_embeddings()
             return outputs, StudentOutput(hidden=outputs.hidden_states[-1][select], head=head, layers=layers)
@@ -277,7 +277,7 @@ class DistillationTrainer(Trainer):
             kwargs["output_hidden_states"] = True
         return model(**kwargs)
 
-    def _layer_outputs(self, outputs, layers: list[int], select) -> list[torch.Tensor]:
+    def _layer_outputs(self, outputs, layers, select) -> list[torch.Tensor]:
         """The outputs of `layers` (0-based block indices) at the selected positions."""
         if not layers:
             return []
