@@ -363,6 +363,7 @@ def main() -> int:
                         help="positions of the chunk-size sweep (default: 4096 on CUDA, 512 on CPU)")
     parser.add_argument("--sweep-sizes", type=str, default=",".join(map(str, SWEEP_SIZES)))
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--vocabs", default=",".join(map(str, GRID_V)), help="comma-separated vocabularies of the grid")
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -374,7 +375,7 @@ def main() -> int:
 
     started = time.perf_counter()
     hidden = HIDDEN
-    grid_v, grid_bt = GRID_V, GRID_BT
+    grid_v, grid_bt = tuple(int(v) for v in args.vocabs.split(",")), GRID_BT
     sweep_sizes = tuple(int(s) for s in args.sweep_sizes.split(",") if s)
     sweep_v = args.sweep_v
     sweep_bt = args.sweep_bt or (4096 if args.device == "cuda" else 512)
