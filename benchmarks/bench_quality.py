@@ -9,7 +9,7 @@
 Teacher: SmolLM2-135M-Instruct (REAL, 30 layers, vocab 49,152, float32), exported by
 benchmarks/export_smollm2.py into benchmarks/.models/ (built when missing). Student: 10 of its 30 layers
 (1/3), either cut at fixed layers (0, 3, ..., 24, 29; `student_from_teacher`) or chosen by block influence
-(`hf_distill.pruning.prune_depth` on 4 calibration blocks of the training split).
+(`hf_distill.pruning.prune_depth` on 16 calibration blocks of the training split).
 Data: REAL public-domain English, the English side of recipes/data/bible_en_es.jsonl (KJV). Verses are
 shuffled with random.Random(0); the last 600 are held out (never trained on, never used for calibration).
 Each split is tokenized, joined with EOS and packed into 128-token blocks (`hf_distill.data.pack_dataset`).
@@ -195,7 +195,7 @@ def main():
     held_out = blocks(tokenizer, verses[-HELD_OUT_VERSES:], args.seq)
     held_out = held_out.select(range(min(args.heldout_blocks, len(held_out))))
     train = train.select(range(args.steps * args.batch))  # exactly the blocks the runs see
-    calibration = [{"input_ids": torch.tensor(train[i : i + 2]["input_ids"])} for i in range(0, 4, 2)]
+    calibration = [{"input_ids": torch.tensor(train[i : i + 4]["input_ids"])} for i in range(0, 16, 4)]
     teacher_ppl = perplexity(teacher, held_out)
     print(f"teacher held-out perplexity {teacher_ppl:.2f}; {len(train)} training blocks of {args.seq}", flush=True)
 
