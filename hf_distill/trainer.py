@@ -250,7 +250,7 @@ class DistillationTrainer(Trainer):
     def _run_student(self, model, inputs, select) -> tuple[Any, StudentOutput]:
         chunked = self._chunking_works("student", model, inputs)
         outputs = self._forward(model, inputs, chunked)
-        layers = self._layer_outputs(outputs, range(len(self.layer_map or [])), select)
+        layers = self._layer_outputs(outputs, range(len(self.layer_map or [])), select, inputs.get("attention_mask"))
         if chunked:
             head = unwrap_model(model).get_output_embeddings()
             return outputs, StudentOutput(hidden=outputs.hidden_states[-1][select], head=head, layers=layers)
@@ -262,7 +262,7 @@ class DistillationTrainer(Trainer):
             return TeacherOutput(self._cached_teacher(inputs, select))
         chunked = self._chunking_works("teacher", self.teacher_model, inputs)
         outputs = self._forward(self.teacher_model, inputs, chunked, own_decoder_inputs=True)
-        layers = self._layer_outputs(outputs, self.layer_map or [], select)
+        layers = self._layer_outputs(outputs, self.layer_map or [], select, inputs.get("attention_mask"))
         if chunked:
             head = unwrap_model(self.teacher_model).get_output_embeddings()
             return TeacherOutput(TeacherHidden(outputs.hidden_states[-1][select], head), layers)
@@ -277,13 +277,15 @@ class DistillationTrainer(Trainer):
             kwargs["output_hidden_states"] = True
         return model(**kwargs)
 
-    def _layer_outputs(self, outputs, layers, select) -> list[torch.Tensor]:
-        """The outputs of `layers` (0-based block indices) at the selected positions."""
+    def _layer_outputs(self, outputs, layers, select, attention_mask=None) -> list[torch.Tensor]:
+        """The outputs of `layers` (0-based block indices) at the selected positions (seq2seq: the decoder's)."""
         if not layers:
             return []
         states = outputs.decoder_hidden_states if self.task_kind == SEQ2SEQ else outputs.hidden_states
-        if self.task_kind == CLASSIFICATION:  # one position a row: the first token's state
-            return [states[i + 1][:, 0][select] for i in layers]
+        if self.task_kind == CLASSIFICATION:  # one position a row: the mean over its real tokens
+            weights = torch.ones(states[0].shape[:2], device=states[0].device) if attention_mask is None else attention_mask
+            weights = (weights / weights.sum(-1, keepdim=True).clamp_min(1)).unsqueeze(-1).to(states[0].dtype)
+            return [(states[i + 1] * weights).sum(1)[select] for i in layers]
         return [states[i + 1][select] for i in layers]
 
     def _chunking_works(self, name: str, model, inputs: dict[str, Any]) -> bool:

@@ -180,3 +180,58 @@ def test_peft_student_with_hidden_term(tmp_path, cut_pair, tokenizer):
     trainer.train()
     logs = [log["hidden_loss"] for log in trainer.state.log_history if "hidden_loss" in log]
     assert len(logs) == 4 and logs[-1] < logs[0]
+
+
+def test_seq2seq_hidden_term_matches_decoder_reference(tmp_path, tokenizer):
+    """Seq2seq models match decoder layers at the label positions (uniform map: student 0 → teacher 1)."""
+    from datasets import Dataset
+    from test_trainer import tiny_t5
+
+    from conftest import english_lines, spanish_lines
+
+    teacher, student = tiny_t5(len(tokenizer), 32, 2, seed=0), tiny_t5(len(tokenizer), 32, 1, seed=1)
+    sources = tokenizer(english_lines(8), truncation=True, max_length=16)
+    targets = tokenizer(spanish_lines(8), truncation=True, max_length=16)
+    dataset = Dataset.from_dict({**sources, "labels": targets["input_ids"]})
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, train_dataset=dataset, processing_class=tokenizer,
+        args=config(tmp_path, alpha=0.0, hidden_loss_weight=2.0),
+    )
+    assert trainer.layer_map == [1]
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        loss = trainer.compute_loss(student.eval(), batch)
+        s_out = copy.deepcopy(student).double()(**batch, output_hidden_states=True)
+        t_out = copy.deepcopy(teacher).double().eval()(**batch, output_hidden_states=True)
+    mask = (batch["labels"] != -100).numpy()
+    s_h, t_h = s_out.decoder_hidden_states[1].numpy()[mask], t_out.decoder_hidden_states[2].numpy()[mask]
+    hidden = (((s_h - t_h) ** 2).sum(-1) / (t_h**2).sum(-1)).mean()
+    assert loss.item() == pytest.approx(s_out.loss.item() + 2.0 * hidden, rel=1e-5)
+
+
+def test_classifier_hidden_term_matches_mean_pooled_reference(tmp_path, tokenizer):
+    """Classifiers match each row's mean hidden state over its real tokens."""
+    from datasets import Dataset
+    from test_trainer import tiny_classifier
+
+    from conftest import english_lines
+
+    teacher, student = tiny_classifier(len(tokenizer), 32, 2, seed=0), tiny_classifier(len(tokenizer), 32, 1, seed=1)
+    texts = english_lines(8)
+    dataset = Dataset.from_dict({**tokenizer(texts, truncation=True, max_length=400), "labels": [len(t) % 3 for t in texts]})
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, train_dataset=dataset, processing_class=tokenizer,
+        args=config(tmp_path, alpha=0.0, hidden_loss_weight=1.5, hidden_loss_type="cosine"),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["attention_mask"].min() == 0  # ragged rows: padding must not count
+    with torch.no_grad():
+        loss = trainer.compute_loss(student.eval(), batch)
+        s_out = copy.deepcopy(student).double()(**batch, output_hidden_states=True)
+        t_out = copy.deepcopy(teacher).double().eval()(**batch, output_hidden_states=True)
+    mask = batch["attention_mask"].numpy()[..., None].astype(float)
+    s_mean = (s_out.hidden_states[1].numpy() * mask).sum(1) / mask.sum(1)
+    t_mean = (t_out.hidden_states[2].numpy() * mask).sum(1) / mask.sum(1)
+    cosine = (s_mean * t_mean).sum(-1) / np.linalg.norm(s_mean, axis=-1) / np.linalg.norm(t_mean, axis=-1)
+    ce = torch.nn.functional.cross_entropy(s_out.logits, batch["labels"]).item()
+    assert loss.item() == pytest.approx(ce + 1.5 * (1 - cosine).mean(), rel=1e-5)
