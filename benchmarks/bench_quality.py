@@ -56,6 +56,8 @@ ARMS = {
     "pruned/skew_kl+hidden": dict(student="pruned", alpha=0.5, hidden_loss_weight=1.0, loss_type="skew_kl"),
     "pruned/t_2+hidden": dict(student="pruned", alpha=0.5, hidden_loss_weight=1.0, temperature=2.0),
     "pruned/hidden_3": dict(student="pruned", alpha=0.5, hidden_loss_weight=3.0),
+    "pruned/no_teacher@lr_1.5e-3": dict(student="pruned", alpha=0.0, learning_rate=1.5e-3, warmup_steps=6),
+    "pruned/hidden@lr_1.5e-3": dict(student="pruned", alpha=0.5, hidden_loss_weight=1.0, learning_rate=1.5e-3, warmup_steps=6),
     "lr_5e-4/no_teacher": dict(student="cut", alpha=0.0, learning_rate=5e-4),
     "lr_5e-4/defaults": dict(student="cut", alpha=0.5, learning_rate=5e-4),
 }
@@ -77,6 +79,7 @@ def parse_args():
     parser.add_argument("--set", action="append", default=[], metavar="ARM:KEY=VALUE",
                         help="add or override a setting of an arm (new arm names are created from 'cut'/'pruned')")
     parser.add_argument("--list", action="store_true", help="print the arms and exit")
+    parser.add_argument("--table", action="store_true", help="print the table of the results in --out and exit")
     parser.add_argument("--quick", action="store_true", help="RANDOM tiny teacher and BPE tokenizer: a smoke test")
     parser.add_argument("--out", default=str(RESULTS), help="JSON-lines file the results are appended to")
     return parser.parse_args()
@@ -183,6 +186,10 @@ def main():
         for name, settings in ARMS.items():
             print(f"{name:24s} {settings}")
         return
+    if args.table:
+        rows = [json.loads(line) for line in open(args.out, encoding="utf-8")]
+        print_table(rows, rows[0]["teacher_ppl"])
+        return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.quick:
@@ -216,11 +223,17 @@ def main():
     print_table(rows, teacher_ppl)
 
 
+def twin_key(row):
+    """Runs that share a no-teacher twin: same seed, student construction, learning rate and warm-up."""
+    settings = row["settings"]
+    return row["seed"], row["student"], settings["learning_rate"], settings.get("warmup_steps", 0)
+
+
 def print_table(rows, teacher_ppl):
-    twins = {(r["seed"], r["student"]): r["ppl"] for r in rows if r["settings"].get("alpha") == 0.0 and not r["settings"].get("hidden_loss_weight")}
+    twins = {twin_key(r): r["ppl"] for r in rows if r["settings"].get("alpha") == 0.0 and not r["settings"].get("hidden_loss_weight")}
     print("\n| arm | seed | student | held-out ppl | no-teacher twin | gap closed | s/step |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        twin = twins.get((r["seed"], r["student"]))
+        twin = twins.get(twin_key(r))
         closed = "" if twin is None else f"{100 * (twin - r['ppl']) / (twin - teacher_ppl):.0f}%"
         print(f"| {r['arm']} | {r['seed']} | {r['student']} | {r['ppl']:.1f} | {'' if twin is None else f'{twin:.1f}'} | {closed} | {r['s_per_step']:.2f} |")
     print(f"teacher: {teacher_ppl:.1f}")
