@@ -23,7 +23,6 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-
 class TaskKind(str, Enum):
     """What a model predicts, which decides how its outputs align with the labels."""
 
