@@ -99,8 +99,9 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Weight γ of the intermediate-layer term: loss = alpha·KD + (1 − alpha)·CE + γ·H, where H averages, "
             "over the student's layers and the distilled positions, the distance between each student layer's output "
-            "and the output of the teacher layer it is mapped to (layer_map). Needs equal hidden sizes (a student cut "
-            "or depth-pruned from the teacher) and a live teacher. Seq2seq models match decoder layers; classifiers "
+            "and the output of the teacher layer it is mapped to (layer_map); where hidden sizes differ, a learned linear "
+            "projection per mapped layer maps the student's to the teacher's (trained, checkpointed, not exported). "
+            "Needs a live teacher. Seq2seq models match decoder layers; classifiers "
             "match each row's mean hidden state over its tokens. 0 turns it off."
         },
     )

@@ -45,6 +45,9 @@ from .modeling import (
 
 logger = logging.get_logger(__name__)
 
+# The student's submodule that holds the hidden-state projections (when hidden sizes differ).
+PROJECTIONS = "distill_projections"
+
 
 class DistillationTrainer(Trainer):
     """A drop-in `Trainer` that distills `teacher_model` into `model`.
@@ -96,6 +99,7 @@ class DistillationTrainer(Trainer):
             from peft import get_peft_model  # optional dependency
 
             model = get_peft_model(model, peft_config)
+        self._attach_projections(model, teacher_model)
         data_collator = data_collator or default_collator(self.task_kind, processing_class)
         check_train_dataset(train_dataset, self.task_kind)
         self.cache_info = None
@@ -162,13 +166,23 @@ class DistillationTrainer(Trainer):
                 f"layer_map={layer_map} must give one teacher layer (0..{n_teacher - 1}) for each of the student's "
                 f"{n_student} layers."
             )
-        if s_config.hidden_size != t_config.hidden_size:
-            raise ValueError(
-                f"hidden_loss_weight > 0 compares hidden states, but the student's hidden size is {s_config.hidden_size} "
-                f"and the teacher's {t_config.hidden_size}. Use a student cut or depth-pruned from the teacher "
-                "(student_init: from_teacher / student_num_layers), or set hidden_loss_weight=0."
-            )
         return list(layer_map)
+
+    def _attach_projections(self, model, teacher) -> None:
+        """Where hidden sizes differ, a learned linear map per mapped layer from the student's size to the teacher's.
+
+        They live on the student as `distill_projections`, so the optimizer trains them and checkpoints (and
+        resuming) keep them; `save_model` leaves them out of the exported student.
+        """
+        if not self.layer_map:
+            return
+        student_size = unwrap_model(model).config.get_text_config().hidden_size
+        teacher_size = unwrap_model(teacher).config.get_text_config().hidden_size
+        if student_size == teacher_size:
+            return
+        parameter = next(model.parameters())
+        projections = nn.ModuleList(nn.Linear(student_size, teacher_size, bias=False) for _ in self.layer_map)
+        model.add_module(PROJECTIONS, projections.to(parameter.device, parameter.dtype))
 
     def _attach_cache(self, args, train_dataset, data_collator, processing_class):
         """Join the cached teacher entries to the training rows (checked to be built for exactly these rows)."""
@@ -251,6 +265,9 @@ class DistillationTrainer(Trainer):
         chunked = self._chunking_works("student", model, inputs)
         outputs = self._forward(model, inputs, chunked)
         layers = self._layer_outputs(outputs, range(len(self.layer_map or [])), select, inputs.get("attention_mask"))
+        projections = getattr(self.model, PROJECTIONS, None)
+        if projections is not None:
+            layers = [project(layer) for project, layer in zip(projections, layers)]
         if chunked:
             head = unwrap_model(model).get_output_embeddings()
             return outputs, StudentOutput(hidden=outputs.hidden_states[-1][select], head=head, layers=layers)
@@ -374,6 +391,17 @@ class DistillationTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- export -------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the student; the hidden-state projections go into checkpoints but never into the exported model."""
+        projections = getattr(self.model, PROJECTIONS, None)
+        if _internal_call or projections is None:
+            return super().save_model(output_dir, _internal_call)
+        delattr(self.model, PROJECTIONS)
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self.model.add_module(PROJECTIONS, projections)
 
     def create_model_card(
         self,

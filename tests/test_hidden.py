@@ -142,13 +142,71 @@ def test_training_lowers_the_logged_hidden_loss(tmp_path, cut_pair, tokenizer):
     assert len(logs) == 15 and logs[-1] < 0.7 * logs[0]
 
 
-def test_hidden_term_refuses_other_hidden_sizes(tmp_path, causal_pair, tokenizer):
-    teacher, student = causal_pair  # hidden sizes 64 and 32
-    with pytest.raises(ValueError, match="hidden size is 32 and the teacher's 64"):
-        DistillationTrainer(
-            model=student, teacher_model=teacher, train_dataset=prompt_response_dataset(tokenizer, n=4),
-            processing_class=tokenizer, args=config(tmp_path, hidden_loss_weight=1.0),
+def test_projections_bridge_other_hidden_sizes(tmp_path, causal_pair, tokenizer):
+    """Student 32 wide, teacher 64: a learned projection per mapped layer, in the loss as in the reference."""
+    teacher, student = causal_pair
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, train_dataset=prompt_response_dataset(tokenizer, n=8),
+        processing_class=tokenizer, args=config(tmp_path, alpha=0.0, hidden_loss_weight=2.0),
+    )
+    assert trainer.layer_map == [1]  # uniform: the student's only layer on the teacher's last
+    projection = student.distill_projections[0]
+    assert projection.weight.shape == (64, 32) and projection.weight.requires_grad
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        loss = trainer.compute_loss(student.eval(), batch)
+        s_out = copy.deepcopy(student).double()(**batch, output_hidden_states=True)
+        t_out = copy.deepcopy(teacher).double().eval()(**batch, output_hidden_states=True)
+    mask = (batch["labels"][:, 1:] != -100).numpy()
+    s_h = s_out.hidden_states[1][:, :-1].numpy()[mask] @ projection.weight.detach().double().numpy().T
+    t_h = t_out.hidden_states[2][:, :-1].numpy()[mask]
+    hidden = (((s_h - t_h) ** 2).sum(-1) / (t_h**2).sum(-1)).mean()
+    assert loss.item() == pytest.approx(s_out.loss.item() + 2.0 * hidden, rel=1e-5)
+
+
+def test_projections_train_are_checkpointed_and_left_out_of_the_export(tmp_path, causal_pair, tokenizer):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    teacher, student = causal_pair
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, train_dataset=prompt_response_dataset(tokenizer, n=16),
+        processing_class=tokenizer,
+        args=config(tmp_path, alpha=0.5, hidden_loss_weight=1.0, max_steps=4, learning_rate=1e-2, save_strategy="steps",
+                    save_steps=2),
+    )
+    before = student.distill_projections[0].weight.detach().clone()
+    trainer.train()
+    after = student.distill_projections[0].weight.detach()
+    assert not torch.allclose(before, after)
+    checkpoint = load_file(tmp_path / "out" / "checkpoint-4" / "model.safetensors")
+    torch.testing.assert_close(checkpoint["distill_projections.0.weight"], after)
+    trainer.save_model(str(tmp_path / "export"))
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert not any(key.startswith("distill_projections") for key in exported)
+    assert hasattr(student, "distill_projections")  # still there for more training
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert not hasattr(reloaded, "distill_projections")
+
+
+def test_resume_restores_projections_and_matches_an_uninterrupted_run(tmp_path, causal_pair, tokenizer):
+    """Resuming from step 2 of 4, starting from other weights, ends where the uninterrupted run ends."""
+    teacher, student = causal_pair
+    dataset = prompt_response_dataset(tokenizer, n=16)
+
+    def run(model, output_dir, resume=None):
+        trainer = DistillationTrainer(
+            model=model, teacher_model=teacher, train_dataset=dataset, processing_class=tokenizer,
+            args=config(tmp_path, output_dir=str(output_dir), alpha=0.5, hidden_loss_weight=1.0, max_steps=4,
+                        learning_rate=1e-2, save_strategy="steps", save_steps=2, per_device_train_batch_size=4),
         )
+        trainer.train(resume_from_checkpoint=resume)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    uninterrupted = run(copy.deepcopy(student), tmp_path / "a")
+    other = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=7)  # other weights than the original
+    resumed = run(other, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    torch.testing.assert_close(resumed, uninterrupted, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_map_of_wrong_length_is_refused(tmp_path, cut_pair, tokenizer):
