@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -285,7 +286,7 @@ def prepare_teacher(teacher, accelerator):
 
 
 def _prepare_deepspeed(teacher, accelerator):
-    import deepspeed
+    import deepspeed  # optional: only runs under DeepSpeed
 
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
     stage = config.get("zero_optimization", {}).get("stage", 0)
@@ -304,16 +305,12 @@ def _prepare_deepspeed(teacher, accelerator):
 def _prepare_fsdp(teacher, accelerator):
     plugin = accelerator.state.fsdp_plugin
     if getattr(plugin, "fsdp_version", 1) == 2:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         plugin.set_auto_wrap_policy(teacher)
         for module in teacher.modules():  # shard the repeated blocks, then the root, as accelerate does
             if type(module).__name__ in (getattr(teacher, "_no_split_modules", None) or []):
                 fully_shard(module, mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
         fully_shard(teacher, mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
         return teacher
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     plugin.set_auto_wrap_policy(teacher)
     return FullyShardedDataParallel(
         teacher,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from datasets import concatenate_datasets
+from peft import get_peft_model
 from transformers import PreTrainedModel, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
@@ -96,8 +97,6 @@ class DistillationTrainer(Trainer):
         teacher_model = self._load_teacher(model, teacher_model, args, processing_class, teacher_processing_class)
         self.layer_map = self._resolve_layer_map(model, teacher_model, args)
         if peft_config is not None:
-            from peft import get_peft_model  # optional dependency
-
             model = get_peft_model(model, peft_config)
         self._attach_projections(model, teacher_model)
         data_collator = data_collator or default_collator(self.task_kind, processing_class)
