@@ -154,12 +154,17 @@ class DistillationConfig(TrainingArguments):
             self.layer_map = [int(i) for i in self.layer_map.strip("[] ").split(",") if i.strip()]
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size} must be a positive number of positions (or None for auto).")
-        if isinstance(self.teacher_model_init_kwargs, str):
-            try:
-                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} is not valid JSON ({error}); "
-                    'write it like \'{"dtype": "bfloat16"}\'.'
-                ) from None
+        self.teacher_model_init_kwargs = parse_init_kwargs(self.teacher_model_init_kwargs)
         super().__post_init__()
+
+
+def parse_init_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """`teacher_model_init_kwargs` as a dict: a JSON string from a command line or YAML is parsed."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"teacher_model_init_kwargs={value!r} is not valid JSON ({error}); write it like '{{\"dtype\": \"bfloat16\"}}'."
+        ) from None

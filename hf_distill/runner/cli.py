@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..config import DistillationConfig
+from ..config import DistillationConfig, parse_init_kwargs
 from ..model_card import looks_like_hub_id
 from .demo import run_demo
 from ..pruning import describe_student
@@ -67,13 +67,10 @@ class TeacherArguments:
     seed: int = _config_field("seed")
 
     def __post_init__(self):
-        if isinstance(self.teacher_model_init_kwargs, str):
-            try:
-                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
-            except json.JSONDecodeError as error:
-                raise UsageError(
-                    f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} is not valid JSON: {error}"
-                )
+        try:
+            self.teacher_model_init_kwargs = parse_init_kwargs(self.teacher_model_init_kwargs)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         if self.temperature <= 0:
             raise UsageError(f"temperature={self.temperature} must be > 0.")
 
