@@ -211,7 +211,8 @@ def chunk_loss_and_grad(
     if temperature == 1.0 and log_q is not None and log_q.shape[-1] == vocab:
         ce = -log_q.gather(-1, safe_targets).squeeze(-1)
     else:
-        if temperature != 1.0 or log_norm is None or log_norm.shape[0] != n or (probs is not None and probs.shape[-1] != vocab):
+        # q and its normalizer are reusable only at T = 1 and over the whole vocabulary (not a smaller teacher's)
+        if temperature != 1.0 or log_norm is None or (probs is not None and probs.shape[-1] != vocab):
             probs, log_norm = _softmax_and_log_norm(s)
         ce = (log_norm - s.gather(-1, safe_targets)).squeeze(-1)
     ce_sum = torch.where(ce_mask & (targets != -100), ce, torch.zeros_like(ce)).sum()
