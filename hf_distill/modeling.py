@@ -1,4 +1,4 @@
-"""Models: task kinds, loading, unwrapping, compatibility checks, students cut from a teacher, teacher placement,
+"""Models: task kinds, loading, unwrapping, compatibility checks, students cut from a teacher,
 and the one definition of a batch's model inputs and target positions (used by the trainer, the cache and evaluation)."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -260,64 +259,3 @@ def student_from_teacher(teacher, layers: list[int] | None = None):
     student.train()
     return student
 
-
-# ---- the teacher ----------------------------------------------------------------------------------
-
-
-def freeze(model) -> None:
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-
-
-def prepare_teacher(teacher, accelerator):
-    """Freeze the teacher and place it for inference the way the run is distributed.
-
-    DeepSpeed ZeRO-3 and FSDP shard the teacher like the student (no full replica per device); any other
-    setup moves it whole to the process's device. It is never wrapped in DDP, since it is not trained.
-    """
-    freeze(teacher)
-    distributed_type = accelerator.distributed_type.name if accelerator.distributed_type is not None else "NO"
-    if distributed_type == "DEEPSPEED":
-        return _prepare_deepspeed(teacher, accelerator)
-    if distributed_type == "FSDP":
-        return _prepare_fsdp(teacher, accelerator)
-    return teacher.to(accelerator.device)
-
-
-def _prepare_deepspeed(teacher, accelerator):
-    import deepspeed  # optional: only runs under DeepSpeed
-
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    # An inference engine: no optimizer, scheduler or optimizer offload; below ZeRO-3 the teacher is
-    # simply replicated (stage 0), as it holds no optimizer state to shard.
-    for key in ("optimizer", "scheduler"):
-        config.pop(key, None)
-    config.setdefault("zero_optimization", {}).pop("offload_optimizer", None)
-    if stage != 3:
-        config["zero_optimization"]["stage"] = 0
-    engine, *_ = deepspeed.initialize(model=teacher, config=config)
-    engine.eval()
-    return engine
-
-
-def _prepare_fsdp(teacher, accelerator):
-    plugin = accelerator.state.fsdp_plugin
-    if getattr(plugin, "fsdp_version", 1) == 2:
-        plugin.set_auto_wrap_policy(teacher)
-        for module in teacher.modules():  # shard the repeated blocks, then the root, as accelerate does
-            if type(module).__name__ in (getattr(teacher, "_no_split_modules", None) or []):
-                fully_shard(module, mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
-        fully_shard(teacher, mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
-        return teacher
-    plugin.set_auto_wrap_policy(teacher)
-    return FullyShardedDataParallel(
-        teacher,
-        sharding_strategy=plugin.sharding_strategy,
-        auto_wrap_policy=plugin.auto_wrap_policy,
-        mixed_precision=plugin.mixed_precision_policy,
-        cpu_offload=plugin.cpu_offload,
-        device_id=accelerator.device,
-        use_orig_params=True,
-    )

@@ -11,7 +11,6 @@ import torch.nn as nn
 from datasets import concatenate_datasets
 from peft import get_peft_model
 from transformers import PreTrainedModel, Trainer
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from .cache import CACHE_COLUMNS, CacheSettings, load_cache
@@ -27,6 +26,7 @@ from .loss import (
     default_layer_map,
 )
 from .model_card import distillation_model_card
+from .sharding import head_is_shardable, prepare_teacher, whole_heads
 from .pruning import describe_student
 from .modeling import (
     CAUSAL,
@@ -39,7 +39,6 @@ from .modeling import (
     model_inputs,
     model_kind,
     output_size,
-    prepare_teacher,
     target_positions,
     unwrap_model,
 )
@@ -246,7 +245,8 @@ class DistillationTrainer(Trainer):
 
         outputs, student = self._run_student(model, inputs, select)
         teacher = self._run_teacher(inputs, select) if self._needs_teacher(mode, select) else None
-        result = self.loss_fn(student, teacher, positions)
+        with self._whole_heads(model, student, teacher):
+            result = self.loss_fn(student, teacher, positions)
 
         self._check_finite(result)
         self._record(mode, result, kd_mask.sum() if teacher is not None else 0, ce_mask.sum())
@@ -284,6 +284,15 @@ class DistillationTrainer(Trainer):
             return TeacherOutput(TeacherHidden(outputs.hidden_states[-1][select], head), layers)
         return TeacherOutput(TeacherLogits(outputs.logits[select]), layers)
 
+    def _whole_heads(self, model, student: StudentOutput, teacher: TeacherOutput | None):
+        """Gather the heads the chunked loss projects with (sharded under FSDP2); the student's stays for backward."""
+        heads = []
+        if student.head is not None:
+            heads.append((model, student.head, model.training and torch.is_grad_enabled()))
+        if teacher is not None and isinstance(teacher.distribution, TeacherHidden):
+            heads.append((self.teacher_model, teacher.distribution.head, False))
+        return whole_heads(heads)
+
     def _forward(self, model, inputs, chunked: bool, own_decoder_inputs: bool = False):
         """Run a model; when chunking, it returns the last position's logits only (the loss projects the rest)."""
         kwargs = model_inputs(model, inputs, self.task_kind, own_decoder_inputs)
@@ -310,11 +319,16 @@ class DistillationTrainer(Trainer):
             return self._use_chunks[name]
         inner = unwrap_model(model)
         head = inner.get_output_embeddings()
-        sharded = self.is_fsdp_enabled or is_deepspeed_zero3_enabled()  # the head's weight is not whole here
+        if self.args.chunked_loss and self.task_kind == CAUSAL and not head_is_shardable(model, head):
+            logger.warning(
+                f"The {name}'s output head is sharded by FSDP1 or DeepSpeed ZeRO-3, whose shards the chunked loss can't "
+                "gather with their gradient; it uses full logits at the target positions. FSDP2 (fsdp_config="
+                "{'fsdp_version': 2}) keeps the chunked loss."
+            )
         works = (
             self.args.chunked_loss
             and self.task_kind == CAUSAL
-            and not (name == "student" and sharded)
+            and head_is_shardable(model, head)  # whole, or FSDP2 (gathered for the loss)
             and "logits_to_keep" in inspect.signature(inner.forward).parameters
             and (isinstance(head, nn.Linear) or name == "teacher")
         )
@@ -322,7 +336,8 @@ class DistillationTrainer(Trainer):
             with torch.no_grad():
                 kwargs = model_inputs(model, inputs, self.task_kind)
                 out = self.accelerator.unwrap_model(model)(**kwargs, logits_to_keep=1, output_hidden_states=True)
-                projected = head(out.hidden_states[-1][:, -1])
+                with whole_heads([(model, head, False)]):
+                    projected = head(out.hidden_states[-1][:, -1])
                 works = torch.allclose(out.logits[:, -1].float(), projected.float(), rtol=1e-3, atol=1e-3, equal_nan=True)
             if not works:
                 logger.warning(

@@ -1,4 +1,7 @@
-"""Two processes on the CPU (gloo) through torchrun: ranks stay in sync and match one process on the joint batch."""
+"""Two processes on the CPU (gloo) through torchrun: ranks stay in sync and match one process on the joint batch.
+
+DDP, and FSDP2 through the real Trainer -> accelerate -> `fully_shard` path (see tests/distributed_train.py).
+"""
 
 import os
 import shutil
@@ -10,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).with_name("ddp_train.py")
+SCRIPT = Path(__file__).with_name("distributed_train.py")
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 
 
 def free_port() -> int:
@@ -19,22 +23,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_two_processes_match_one(tmp_path):
+def run(tmp_path, per_device_batch: int, mode: str, grad_accum: int = 1, hidden_weight: float = 0.0):
+    """Train alone on batch 2B, then on 2 processes x batch B; the results of (alone, rank 0, rank 1)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir(), double.mkdir()
-    subprocess.run([sys.executable, str(SCRIPT), str(single), "4"], check=True, env=env, timeout=300)
+    settings = [str(grad_accum), str(hidden_weight)]
+    subprocess.run([sys.executable, str(SCRIPT), str(single), str(2 * per_device_batch), "ddp", *settings],
+                   check=True, env=env, timeout=300)
     subprocess.run(
         ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-         str(SCRIPT), str(double), "2"],
+         str(SCRIPT), str(double), str(per_device_batch), mode, *settings],
         check=True, env=env, timeout=300,
     )
-    alone = torch.load(single / "rank0.pt")
-    rank0, rank1 = torch.load(double / "rank0.pt"), torch.load(double / "rank1.pt")
+    return torch.load(single / "rank0.pt"), torch.load(double / "rank0.pt"), torch.load(double / "rank1.pt")
+
+
+def assert_same_training(alone, rank0, rank1):
     assert rank0["world_size"] == 2 and alone["world_size"] == 1
     torch.testing.assert_close(rank0["params"], rank1["params"], rtol=0, atol=0)
+    torch.testing.assert_close(rank0["grads"], alone["grads"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(rank0["params"], alone["params"], rtol=1e-5, atol=1e-6)
-    # Logged kd/ce losses are over the joint batch too.
-    assert rank0["logs"][0]["kd_loss"] == pytest.approx(alone["logs"][0]["kd_loss"], rel=1e-4)
-    assert rank0["logs"][0]["ce_loss"] == pytest.approx(alone["logs"][0]["ce_loss"], rel=1e-4)
+    for key in ("loss", "kd_loss", "ce_loss", "hidden_loss"):  # logged over the joint batch too
+        for mine, reference in zip(rank0["logs"][:2], alone["logs"][:2]):
+            assert (key in mine) == (key in reference)
+            if key in mine:
+                assert mine[key] == pytest.approx(reference[key], rel=1e-5)
+
+
+@needs_torchrun
+def test_ddp_two_processes_match_one(tmp_path):
+    alone, rank0, rank1 = run(tmp_path, 2, "ddp")
+    assert_same_training(alone, rank0, rank1)
+
+
+@needs_torchrun
+def test_fsdp2_two_processes_match_one(tmp_path):
+    """Student and teacher sharded by FSDP2, with accumulation and hidden-state projections: same training as
+    one process, the chunked loss on for both (the heads gathered for it), each rank holding half the teacher."""
+    alone, rank0, rank1 = run(tmp_path, 2, "fsdp2", grad_accum=2, hidden_weight=1.0)
+    assert rank0["fsdp"] and not alone["fsdp"]
+    assert_same_training(alone, rank0, rank1)
+    assert "hidden_loss" in rank0["logs"][0]
+    for rank in (rank0, rank1):
+        assert rank["chunked"] == {"student": True, "teacher": True}  # no full-logits fallback
+        held, whole = rank["teacher_bytes"]
+        assert held == pytest.approx(whole / 2, rel=0.05)
+        assert rank["teacher_sharded"]  # resharded after every step: no rank kept a whole replica

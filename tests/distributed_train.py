@@ -1,0 +1,91 @@
+"""Train a tiny student for two steps; run alone or under `torchrun --nproc_per_node 2` (gloo on CPU).
+
+Usage: python tests/distributed_train.py OUT_DIR PER_DEVICE_BATCH [ddp|fsdp2] [GRAD_ACCUM] [HIDDEN_WEIGHT]
+Each rank writes rank{R}.pt with its first-step gradients, final parameters (gathered whole under FSDP2),
+logs, whether the chunked loss ran, and the teacher's parameter bytes held by the rank, so the test can check
+that ranks stay in sync and that 2 processes x batch B give the same update as 1 process x batch 2B.
+
+`fsdp2` runs the real Trainer -> accelerate -> `fully_shard` path. accelerate builds its FSDP state only for
+accelerator backends, so on CPU processes (gloo) the script marks the process state as multi-device first;
+everything after that (the plugin, `fully_shard` of the student's blocks and root, the optimizer on
+sharded parameters, the teacher's placement) is the code a GPU run takes.
+"""
+
+import os
+import sys
+
+import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from conftest import english_lines, prompt_response_dataset, sharpen  # noqa: E402
+
+from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
+from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer  # noqa: E402
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+class FirstGradients(TrainerCallback):
+    """Keep the gradients of the first optimizer step, gathered whole."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.grads is None:
+            self.grads = torch.cat([whole(p.grad).flatten() for p in self.model.parameters()]).detach().clone()
+
+
+def local_bytes(model) -> tuple[int, int]:
+    """(bytes of the teacher's parameters this rank holds, bytes of the whole teacher)."""
+    held = total = 0
+    for parameter in model.parameters():
+        local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+        held += local.numel() * local.element_size()
+        total += parameter.numel() * parameter.element_size()
+    return held, total
+
+
+def main(out_dir: str, per_device_batch: int, mode: str = "ddp", grad_accum: int = 1, hidden_weight: float = 0.0):
+    tokenizer = train_bpe_tokenizer(english_lines(200), vocab_size=300)
+    teacher = sharpen(small_llama(len(tokenizer), hidden_size=64, num_layers=2, seed=0))
+    student = small_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=1)
+    sharded = {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}} if mode == "fsdp2" else {}
+    args = DistillationConfig(
+        output_dir=out_dir, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+        per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=grad_accum, max_steps=2,
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0,
+        train_sampling_strategy="sequential", dataloader_pin_memory=False, alpha=0.5, temperature=2.0,
+        logging_steps=1, hidden_loss_weight=hidden_weight, **sharded,
+    )
+    if mode == "fsdp2" and args.world_size > 1:
+        PartialState().distributed_type = DistributedType.MULTI_GPU  # see the module docstring
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args,
+        train_dataset=prompt_response_dataset(tokenizer, n=16), processing_class=tokenizer,
+    )
+    first = FirstGradients(trainer.model)
+    trainer.add_callback(first)
+    trainer.train()
+    rank = int(os.environ.get("RANK", 0))
+    params = torch.cat([whole(p.detach()).flatten() for p in trainer.model.parameters()])
+    torch.save(
+        {
+            "params": params, "grads": first.grads, "world_size": trainer.args.world_size,
+            "logs": trainer.state.log_history, "chunked": dict(trainer._use_chunks),
+            "fsdp": trainer.is_fsdp_enabled, "teacher_bytes": local_bytes(trainer.teacher_model),
+            "teacher_sharded": all(isinstance(p, DTensor) for p in trainer.teacher_model.parameters()),
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4], *[int(a) for a in sys.argv[4:5]], *[float(a) for a in sys.argv[5:6]])
