@@ -3,8 +3,13 @@
 Run the teacher once, store its top-k log-probabilities per target token, train from them.
 
 Layout of a cache folder:
-    cache_info.json         fingerprints (teacher, tokenizer, dataset, settings), k, dtypes, shard list
+    cache_info.json         fingerprints (teacher, tokenizer, dataset, settings), k, and each finished shard's
+                            row count, size and sha256
     shard-00000.arrow ...   Arrow IPC stream shards, memory-mapped by `datasets.Dataset.from_file`
+
+A shard is written under a temporary name, renamed once whole, then recorded in cache_info.json (itself replaced
+atomically), so a build killed at any point resumes from its recorded shards; a shard whose size or sha256 differs
+from its record is rebuilt by `build_cache` and refused by `load_cache`, never read as data.
 
 One cache row per dataset row, with that row's target positions flattened in order:
     teacher_ids       top-k token ids (uint16 when the vocabulary fits, else int32), n_targets · k values
@@ -106,7 +111,45 @@ class CacheSettings:
 
 def _info(path: Path):
     file = path / INFO_FILE
-    return json.loads(file.read_text()) if file.exists() else None
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except ValueError as error:
+        raise ValueError(
+            f"{file} is unreadable ({error}), so the teacher cache in {path} cannot be checked; delete that folder and "
+            "build the cache again."
+        ) from None
+
+
+def _write_info(path: Path, info: dict) -> None:
+    """Replace cache_info.json atomically: a kill leaves the old or the new file, never a cut one."""
+    partial = path / (INFO_FILE + ".partial")
+    partial.write_text(json.dumps({**info, "shards": dict(sorted(info["shards"].items()))}, indent=2))
+    os.replace(partial, path / INFO_FILE)
+
+
+def _sha256(file: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _shard_record(file: Path, rows: int) -> dict:
+    return {"rows": rows, "bytes": file.stat().st_size, "sha256": _sha256(file)}
+
+
+def _shard_is_whole(file: Path, record: dict | None) -> bool:
+    """Whether `file` is the shard its record describes (same size, then same sha256)."""
+    if record is None or not file.exists() or file.stat().st_size != record["bytes"]:
+        return False
+    return _sha256(file) == record["sha256"]
+
+
+def _shard_names(num_rows: int, shard_rows: int) -> list[str]:
+    return [f"shard-{i:05d}.arrow" for i in range(-(-num_rows // shard_rows))]
 
 
 def _check_same(existing: dict, wanted: dict, path: Path) -> None:
@@ -141,7 +184,7 @@ def build_cache(
     vocab = output_size(teacher)
     settings = CacheSettings(temperature, top_k or default_top_k(vocab), distill_all_tokens)
     info = {
-        "format": 1,
+        "format": 2,
         "teacher": teacher_fingerprint(teacher),
         "teacher_name": teacher_name or getattr(teacher.config, "_name_or_path", ""),
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -155,8 +198,20 @@ def build_cache(
     existing = _info(path)
     if existing is not None:
         _check_same(existing, info, path)
+        if existing.get("shard_rows") != shard_rows:
+            raise ValueError(
+                f"The teacher cache in {path} was started with shard_rows={existing.get('shard_rows')}, now "
+                f"{shard_rows}: shards would not line up. Resume it with shard_rows={existing.get('shard_rows')}, or "
+                "use another cache folder."
+            )
+    records = dict((existing or {}).get("shards", {}))
+    if existing is not None and "shards" not in existing:  # format 1 recorded no shards; they were renamed once whole
+        for name in _shard_names(len(dataset), shard_rows):
+            if (path / name).exists():
+                records[name] = _shard_record(path / name, Dataset.from_file(str(path / name)).num_rows)
+    info["shards"] = records
     path.mkdir(parents=True, exist_ok=True)
-    (path / INFO_FILE).write_text(json.dumps(info, indent=2))
+    _write_info(path, info)
 
     id_type = pa.uint16() if vocab <= 65536 else pa.int32()
     schema = pa.schema([
@@ -171,9 +226,12 @@ def build_cache(
     shards = range(0, len(dataset), shard_rows)
     for shard, start in enumerate(tqdm(shards, desc="teacher cache (shards)", disable=len(shards) < 2)):
         shard_path = path / f"shard-{shard:05d}.arrow"
-        if shard_path.exists():
-            continue  # done in an earlier run
         stop = min(start + shard_rows, len(dataset))
+        if _shard_is_whole(shard_path, records.get(shard_path.name)):
+            continue  # finished in an earlier run
+        if shard_path.exists():
+            logger.warning(f"teacher cache: {shard_path} is unrecorded, cut short or damaged; rebuilding it.")
+        records.pop(shard_path.name, None)
         loader = DataLoader(
             rows_in.select(range(start, stop)), batch_size=batch_size, collate_fn=default_collator(CAUSAL, tokenizer)
         )
@@ -196,7 +254,10 @@ def build_cache(
         partial = shard_path.with_suffix(".partial")
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             writer.write_table(table)
-        partial.rename(shard_path)  # a shard exists only once complete
+        record = _shard_record(partial, stop - start)
+        os.replace(partial, shard_path)  # a shard exists only once whole...
+        records[shard_path.name] = record
+        _write_info(path, info)  # ...and counts only once recorded
         logger.info(f"teacher cache: rows {start}–{stop} of {len(dataset)} written to {shard_path.name}")
     return path
 
@@ -214,8 +275,15 @@ def load_cache(cache_dir: str | os.PathLike, dataset, tokenizer, settings: Cache
         "settings": {**settings.as_dict(), "top_k": info["settings"]["top_k"]},
     }
     _check_same(info, wanted, path)
-    shards = [path / f"shard-{i:05d}.arrow" for i in range(-(-info["num_rows"] // info["shard_rows"]))]
-    missing = [s.name for s in shards if not s.exists()]
+    shards = [path / name for name in _shard_names(info["num_rows"], info["shard_rows"])]
+    records = info.get("shards")  # None in a format-1 cache, which recorded no shards
+    missing = [s.name for s in shards if not s.exists() or (records is not None and s.name not in records)]
     if missing:
         raise ValueError(f"The teacher cache in {path} is incomplete (missing {missing[:3]}...); run cache-teacher again to finish it.")
+    damaged = [s.name for s in shards if records is not None and not _shard_is_whole(s, records[s.name])]
+    if damaged:
+        raise ValueError(
+            f"The teacher cache in {path} has damaged shards {damaged[:3]}: their size or sha256 differs from what "
+            f"{INFO_FILE} recorded when they were written. Run cache-teacher again with the same settings to rebuild them."
+        )
     return concatenate_datasets([Dataset.from_file(str(s)) for s in shards]), info

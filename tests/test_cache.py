@@ -1,8 +1,13 @@
 """Offline teacher cache: the bucketed divergence, storage, fingerprints, resuming, and training from it."""
 
 import copy
+import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -188,3 +193,99 @@ def test_cache_tail_setting_reaches_the_loss(tmp_path, cache_setup):
         trainer.train()
         first_kd[tail] = trainer.state.log_history[0]["kd_loss"]
     assert first_kd["bucket"] != pytest.approx(first_kd["renormalize"], rel=1e-3)
+
+
+# ---- interrupted and damaged builds ---------------------------------------------------------------
+
+# Builds the cache of `cache_setup` in a subprocess, slowly (0.3 s a teacher batch), so the test can kill it.
+SLOW_BUILD = """
+import sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+work, cache, threads, tests = sys.argv[1:]
+sys.path.insert(0, tests)
+from conftest import prompt_response_dataset
+from hf_distill.cache import build_cache
+torch.set_num_threads(int(threads))
+teacher = AutoModelForCausalLM.from_pretrained(work + "/teacher")
+tokenizer = AutoTokenizer.from_pretrained(work + "/tokenizer")
+teacher.register_forward_hook(lambda *args: time.sleep(0.3))
+build_cache(teacher, prompt_response_dataset(tokenizer, n=12), tokenizer, cache, shard_rows=2, batch_size=2,
+            teacher_name="teacher")
+"""
+
+
+def cache_files(path):
+    return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
+
+
+def test_killed_cache_build_resumes_to_the_uninterrupted_result(tmp_path, cache_setup):
+    """kill -9 in the middle of a build, then run it again: the cache equals one built without a stop, byte for byte."""
+    teacher, _, dataset, tokenizer = cache_setup
+    teacher.save_pretrained(tmp_path / "work" / "teacher")
+    tokenizer.save_pretrained(tmp_path / "work" / "tokenizer")
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_BUILD, str(tmp_path / "work"), str(killed), str(torch.get_num_threads()),
+         os.path.dirname(__file__)],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"),
+    )
+    options = dict(shard_rows=2, batch_size=2, teacher_name="teacher")
+    reference = build_cache(teacher, dataset, tokenizer, tmp_path / "reference", **options)  # meanwhile
+
+    def recorded():
+        try:
+            return json.loads((killed / "cache_info.json").read_text())["shards"]
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    deadline = time.time() + 60
+    while len(recorded()) < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
+    done = recorded()
+    assert 2 <= len(done) < 6  # killed mid-build: some shards finished, some not
+    kept = {name: (killed / name).stat().st_mtime_ns for name in done}
+    with pytest.raises(ValueError, match="incomplete"):
+        load_cache(killed, dataset, tokenizer, CacheSettings(1.0, 0, False))
+
+    build_cache(teacher, dataset, tokenizer, killed, **options)
+    assert {name: (killed / name).stat().st_mtime_ns for name in done} == kept  # finished shards are not redone
+    assert cache_files(killed) == cache_files(reference)
+    cached, _ = load_cache(killed, dataset, tokenizer, CacheSettings(1.0, 0, False))
+    assert cached.to_dict() == load_cache(reference, dataset, tokenizer, CacheSettings(1.0, 0, False))[0].to_dict()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "unrecorded"])
+def test_damaged_shard_is_refused_then_rebuilt(tmp_path, cache_setup, damage):
+    teacher, _, dataset, tokenizer = cache_setup
+    path = build_cache(teacher, dataset, tokenizer, tmp_path / "cache", shard_rows=5)
+    reference = cache_files(path)
+    shard = path / "shard-00001.arrow"
+    data = shard.read_bytes()
+    if damage == "truncated":
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped byte":
+        shard.write_bytes(data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:])
+    else:  # killed between the rename and the record: the shard is there, its record is not
+        info = json.loads((path / "cache_info.json").read_text())
+        del info["shards"][shard.name]
+        (path / "cache_info.json").write_text(json.dumps(info))
+    message = "incomplete" if damage == "unrecorded" else r"damaged shards \['shard-00001.arrow'\]"
+    with pytest.raises(ValueError, match=message):
+        load_cache(path, dataset, tokenizer, CacheSettings(1.0, 0, False))
+    build_cache(teacher, dataset, tokenizer, path, shard_rows=5)
+    assert cache_files(path) == reference
+    load_cache(path, dataset, tokenizer, CacheSettings(1.0, 0, False))
+
+
+def test_cache_refuses_other_shard_rows_and_a_cut_info_file(tmp_path, cache_setup):
+    teacher, _, dataset, tokenizer = cache_setup
+    path = build_cache(teacher, dataset, tokenizer, tmp_path / "cache", shard_rows=5)
+    with pytest.raises(ValueError, match="started with shard_rows=5, now 4"):
+        build_cache(teacher, dataset, tokenizer, path, shard_rows=4)
+    info = (path / "cache_info.json").read_text()
+    (path / "cache_info.json").write_text(info[: len(info) // 2])
+    with pytest.raises(ValueError, match="cache_info.json is unreadable"):
+        load_cache(path, dataset, tokenizer, CacheSettings(1.0, 0, False))
