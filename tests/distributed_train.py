@@ -2,7 +2,7 @@
 
 Usage: python tests/distributed_train.py OUT_DIR PER_DEVICE_BATCH [ddp|fsdp2] [GRAD_ACCUM] [HIDDEN_WEIGHT]
 Each rank writes rank{R}.pt with its first-step gradients, final parameters (gathered whole under FSDP2),
-logs, whether the chunked loss ran, and the teacher's parameter bytes held by the rank, so the test can check
+logs, evaluation metrics, whether the chunked loss ran, and the teacher's parameter bytes held by the rank, so the test can check
 that ranks stay in sync and that 2 processes x batch B give the same update as 1 process x batch 2B.
 
 `fsdp2` runs the real Trainer -> accelerate -> `fully_shard` path. accelerate builds its FSDP state only for
@@ -59,7 +59,7 @@ def main(out_dir: str, per_device_batch: int, mode: str = "ddp", grad_accum: int
     student = small_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=1)
     sharded = {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}} if mode == "fsdp2" else {}
     args = DistillationConfig(
-        output_dir=out_dir, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+        output_dir=out_dir, report_to=[], save_strategy="steps", save_steps=2, save_only_model=True, disable_tqdm=True, use_cpu=True, seed=0,
         per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=grad_accum, max_steps=2,
         optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0,
         train_sampling_strategy="sequential", dataloader_pin_memory=False, alpha=0.5, temperature=2.0,
@@ -69,17 +69,20 @@ def main(out_dir: str, per_device_batch: int, mode: str = "ddp", grad_accum: int
         PartialState().distributed_type = DistributedType.MULTI_GPU  # see the module docstring
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args,
-        train_dataset=prompt_response_dataset(tokenizer, n=16), processing_class=tokenizer,
+        train_dataset=prompt_response_dataset(tokenizer, n=16), eval_dataset=prompt_response_dataset(tokenizer, n=8),
+        processing_class=tokenizer,
     )
     first = FirstGradients(trainer.model)
     trainer.add_callback(first)
     trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model(os.path.join(out_dir, "exported"))
     rank = int(os.environ.get("RANK", 0))
     params = torch.cat([whole(p.detach()).flatten() for p in trainer.model.parameters()])
     torch.save(
         {
             "params": params, "grads": first.grads, "world_size": trainer.args.world_size,
-            "logs": trainer.state.log_history, "chunked": dict(trainer._use_chunks),
+            "logs": trainer.state.log_history, "eval": metrics, "chunked": dict(trainer._use_chunks),
             "fsdp": trainer.is_fsdp_enabled, "teacher_bytes": local_bytes(trainer.teacher_model),
             "teacher_sharded": all(isinstance(p, DTensor) for p in trainer.teacher_model.parameters()),
         },

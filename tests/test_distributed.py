@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 SCRIPT = Path(__file__).with_name("distributed_train.py")
 needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
@@ -36,7 +38,8 @@ def run(tmp_path, per_device_batch: int, mode: str, grad_accum: int = 1, hidden_
          str(SCRIPT), str(double), str(per_device_batch), mode, *settings],
         check=True, env=env, timeout=300,
     )
-    return torch.load(single / "rank0.pt"), torch.load(double / "rank0.pt"), torch.load(double / "rank1.pt")
+    results = [torch.load(single / "rank0.pt"), torch.load(double / "rank0.pt"), torch.load(double / "rank1.pt")]
+    return *results, double
 
 
 def assert_same_training(alone, rank0, rank1):
@@ -49,11 +52,13 @@ def assert_same_training(alone, rank0, rank1):
             assert (key in mine) == (key in reference)
             if key in mine:
                 assert mine[key] == pytest.approx(reference[key], rel=1e-5)
+    for key in ("eval_loss", "eval_kd_loss", "eval_ce_loss"):
+        assert rank0["eval"][key] == pytest.approx(alone["eval"][key], rel=1e-5)
 
 
 @needs_torchrun
 def test_ddp_two_processes_match_one(tmp_path):
-    alone, rank0, rank1 = run(tmp_path, 2, "ddp")
+    alone, rank0, rank1, _ = run(tmp_path, 2, "ddp")
     assert_same_training(alone, rank0, rank1)
 
 
@@ -61,7 +66,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 def test_fsdp2_two_processes_match_one(tmp_path):
     """Student and teacher sharded by FSDP2, with accumulation and hidden-state projections: same training as
     one process, the chunked loss on for both (the heads gathered for it), each rank holding half the teacher."""
-    alone, rank0, rank1 = run(tmp_path, 2, "fsdp2", grad_accum=2, hidden_weight=1.0)
+    alone, rank0, rank1, out = run(tmp_path, 2, "fsdp2", grad_accum=2, hidden_weight=1.0)
     assert rank0["fsdp"] and not alone["fsdp"]
     assert_same_training(alone, rank0, rank1)
     assert "hidden_loss" in rank0["logs"][0]
@@ -70,3 +75,24 @@ def test_fsdp2_two_processes_match_one(tmp_path):
         held, whole = rank["teacher_bytes"]
         assert held == pytest.approx(whole / 2, rel=0.05)
         assert rank["teacher_sharded"]  # resharded after every step: no rank kept a whole replica
+    # The checkpoint holds the student and its projections, never the teacher; the export, the student alone.
+    checkpoint = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert any(key.startswith("distill_projections.") for key in checkpoint)
+    assert sum(t.numel() for t in checkpoint.values()) == rank0["params"].numel()
+    exported = AutoModelForCausalLM.from_pretrained(out / "exported")
+    params = torch.cat([p.detach().flatten() for p in exported.parameters()])
+    torch.testing.assert_close(params, rank0["params"][: params.numel()], rtol=0, atol=0)
+    assert params.numel() < rank0["params"].numel()  # the projections stayed out
+
+
+@pytest.mark.parametrize("name, kind, field, value", [
+    ("fsdp2", "FSDP", ("fsdp_config", "fsdp_version"), 2),
+    ("zero3", "DEEPSPEED", ("deepspeed_config", "zero_stage"), 3),
+])
+def test_launch_configs_parse(name, kind, field, value):
+    """The README's `accelerate launch --config_file` files are valid accelerate configs of the kind they claim."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(Path(__file__).parents[1] / "recipes" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == kind
+    assert getattr(config, field[0])[field[1]] == value
