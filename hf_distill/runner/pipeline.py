@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging
 
 from ..cache import build_cache
+from ..checkpoints import existing_run, resolve_resume
 from ..config import DistillationConfig
 from ..data import default_collator
 from ..modeling import load_model
@@ -23,6 +24,9 @@ from .recipe import RecipeArguments, build_student, builder_for, model_columns, 
 from .report import comparison_table, write_report
 
 logger = logging.get_logger(__name__)
+
+# What a finished recipe run leaves in `output_dir` besides the student (README.md is the model card).
+RUN_FILES = ("report.md", "report.json", "training_curves.png", "samples.json", "README.md")
 
 
 def load_tokenizer(recipe: RecipeArguments, config: DistillationConfig):
@@ -41,7 +45,32 @@ def calibration_batches(train, tokenizer, recipe: RecipeArguments, batch_size: i
     return [collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))]) for start in range(0, len(rows), batch_size)]
 
 
-def _train(student, teacher, config, splits, tokenizer, callbacks=None) -> DistillationTrainer:
+def resume_points(config: DistillationConfig, baseline: bool) -> dict[str, str | None]:
+    """The checkpoint each training run of a recipe starts from (None: from scratch), checked before anything loads.
+
+    An `output_dir` (or its `_baseline`) holding an earlier run is refused unless `config.resume_from_checkpoint`
+    asks to resume: "true" (or "last") resumes each run from the last complete checkpoint in its folder, or starts
+    it if it never began; a checkpoint path resumes the distilled run from it.
+    """
+    wanted = config.resume_from_checkpoint
+    if isinstance(wanted, str) and wanted.lower() in ("", "false", "none"):
+        wanted = None
+    last = wanted is True or (isinstance(wanted, str) and wanted.lower() in ("true", "last"))
+    folders = {"distilled": (config.output_dir, RUN_FILES)}
+    if baseline:
+        folders["baseline"] = (os.path.join(config.output_dir, "_baseline"), ())
+    points = {}
+    for name, (folder, extra) in folders.items():
+        if wanted is None:
+            points[name] = resolve_resume(folder, None, extra)  # a fresh run: refuses a folder that holds one
+        elif name == "distilled" and not last:
+            points[name] = resolve_resume(folder, wanted)  # the checkpoint given
+        else:  # where this run stopped, or from scratch if it never began
+            points[name] = resolve_resume(folder, True) if existing_run(folder) else None
+    return points
+
+
+def _train(student, teacher, config, splits, tokenizer, callbacks=None, resume=None) -> DistillationTrainer:
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -51,7 +80,7 @@ def _train(student, teacher, config, splits, tokenizer, callbacks=None) -> Disti
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     return trainer
 
@@ -61,9 +90,12 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
 
     Returns the report rows. Outputs: the student in `config.output_dir` (with README.md model card,
     report.md/json, training_curves.png), the baseline in `output_dir/_baseline` (left out of Hub uploads).
+    Folders that hold an earlier run are refused unless `config.resume_from_checkpoint` asks to resume (see
+    `resume_points`).
     """
     if config.teacher_model_name_or_path is None and teacher is None:
         raise ValueError("The recipe names no teacher: set teacher_model_name_or_path (used for evaluation too).")
+    resume = resume_points(config, recipe.baseline)  # before anything loads: never overwrite an earlier run
     tokenizer = tokenizer or load_tokenizer(recipe, config)
     if teacher is None:
         teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))
@@ -72,14 +104,15 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     initial_student = copy.deepcopy(student) if recipe.baseline else None
 
     # Pushed once, at the end, with the model card and evaluation table (not at every save).
-    trainer = _train(student, teacher, dataclasses.replace(config, push_to_hub=False), splits, tokenizer, callbacks)
+    trainer = _train(student, teacher, dataclasses.replace(config, push_to_hub=False), splits, tokenizer, callbacks,
+                     resume["distilled"])
     runs = {"distilled": (trainer.model, trainer)}
     if recipe.baseline:
         baseline_config = dataclasses.replace(
             config, alpha=0.0, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
             run_name=f"{config.run_name or 'run'}-baseline",
         )
-        baseline = _train(initial_student, teacher, baseline_config, splits, tokenizer, callbacks)
+        baseline = _train(initial_student, teacher, baseline_config, splits, tokenizer, callbacks, resume["baseline"])
         runs["baseline (no teacher)"] = (baseline.model, baseline)
 
     rows, samples = [], {}
