@@ -50,7 +50,8 @@ def _prepare_deepspeed(teacher, accelerator):
     stage = config.get("zero_optimization", {}).get("stage", 0)
     # An inference engine: no optimizer, scheduler or optimizer offload; below ZeRO-3 the teacher is
     # simply replicated (stage 0), as it holds no optimizer state to shard.
-    for key in ("optimizer", "scheduler"):
+    # DeepSpeed infers the global batch from the micro batch, accumulation and world size.
+    for key in ("optimizer", "scheduler", "train_batch_size"):
         config.pop(key, None)
     config.setdefault("zero_optimization", {}).pop("offload_optimizer", None)
     if stage != 3:

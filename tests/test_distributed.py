@@ -85,6 +85,24 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     assert params.numel() < rank0["params"].numel()  # the projections stayed out
 
 
+@needs_torchrun
+def test_zero3_teacher_is_partitioned(tmp_path):
+    """DeepSpeed ZeRO-3 places the teacher as a partitioned inference engine: same logits, half the weights a rank."""
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         str(SCRIPT.with_name("zero3_teacher.py")), str(tmp_path)],
+        check=True, env=env, timeout=300,
+    )
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["sharded"], result["whole"], rtol=1e-5, atol=1e-5)
+        assert result["held"] == pytest.approx(result["total"] / 2, rel=0.05)
+        assert not result["trainable"]
+        assert not result["chunkable"]  # a ZeRO-3 head: full logits at the target positions, with a warning
+
+
 @pytest.mark.parametrize("name, kind, field, value", [
     ("fsdp2", "FSDP", ("fsdp_config", "fsdp_version"), 2),
     ("zero3", "DEEPSPEED", ("deepspeed_config", "zero_stage"), 3),
