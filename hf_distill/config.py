@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .loss import HIDDEN_LOSS_TYPES, LOSS_TYPES, check_loss_settings
+from .loss import HIDDEN_LOSS_TYPES, LOSS_TYPES, MULTI_TEACHER, check_loss_settings, normalized_weights
 
 
 @dataclass
@@ -21,9 +21,27 @@ class DistillationConfig(TrainingArguments):
     averaged over the target tokens of the whole accumulated batch.
     """
 
-    teacher_model_name_or_path: str | None = field(
+    teacher_model_name_or_path: str | list[str] | None = field(
         default=None,
-        metadata={"help": "Hub id or local folder of the teacher, used when the trainer is given no teacher_model."},
+        metadata={
+            "help": "Hub id or local folder of the teacher, used when the trainer is given no teacher_model. A list "
+            "(on a command line: comma-separated) distills from several teachers at once, see multi_teacher."
+        },
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "With several teachers: one weight each, in their order (normalized to sum to 1); None: equal."
+        },
+    )
+    multi_teacher: str = field(
+        default="mean_probs",
+        metadata={
+            "help": "With several teachers, how their targets combine: 'mean_probs' distills toward the weighted mixture "
+            "of their distributions at the temperature (computed in log space); 'mean_loss' sums each teacher's "
+            "divergence, weighted. Each teacher's divergence is logged as kd_loss/<name>.",
+            "choices": list(MULTI_TEACHER),
+        },
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -155,7 +173,24 @@ class DistillationConfig(TrainingArguments):
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size} must be a positive number of positions (or None for auto).")
         self.teacher_model_init_kwargs = parse_init_kwargs(self.teacher_model_init_kwargs)
+        self._check_teachers()
         super().__post_init__()
+
+    def _check_teachers(self) -> None:
+        """Several teachers: a comma-separated command-line value becomes a list; weights and reduction are checked."""
+        teachers = self.teacher_model_name_or_path
+        if isinstance(teachers, str) and "," in teachers:
+            teachers = self.teacher_model_name_or_path = [name.strip() for name in teachers.split(",") if name.strip()]
+        if isinstance(teachers, list):
+            if not teachers or not all(isinstance(name, str) for name in teachers):
+                raise ValueError(f"teacher_model_name_or_path={teachers!r} must be a path or Hub id, or a non-empty list of them.")
+            if len(teachers) == 1:
+                self.teacher_model_name_or_path = teachers[0]
+        if self.multi_teacher not in MULTI_TEACHER:
+            raise ValueError(f"multi_teacher={self.multi_teacher!r}; choose one of {', '.join(MULTI_TEACHER)}.")
+        if self.teacher_weights is not None:
+            count = len(teachers) if isinstance(teachers, list) else len(self.teacher_weights)
+            normalized_weights(self.teacher_weights, count)
 
 
 def parse_init_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from .loss import (
     TeacherLogits,
     TeacherOutput,
     default_layer_map,
+    normalized_weights,
 )
 from .model_card import distillation_model_card
 from .sharding import head_is_shardable, prepare_teacher, whole_heads
@@ -61,12 +62,12 @@ class DistillationTrainer(Trainer):
 
     Args:
         model: the student, a `PreTrainedModel` or a Hub id / local path.
-        teacher_model: a `PreTrainedModel` (PEFT models too) or a Hub id / local path; defaults to
-            `args.teacher_model_name_or_path`.
+        teacher_model: a `PreTrainedModel` (PEFT models too) or a Hub id / local path, or a list of them to
+            distill from several teachers (see `args.multi_teacher`); defaults to `args.teacher_model_name_or_path`.
         args: a `DistillationConfig`.
         processing_class: the student's tokenizer (pads batches, and is compared with the teacher's).
-        teacher_processing_class: the teacher's tokenizer, when the teacher is given as a model; loaded from
-            the teacher's path otherwise.
+        teacher_processing_class: the teacher's tokenizer (or a list, one per teacher), when the teacher is given
+            as a model; loaded from the teacher's path otherwise.
         peft_config: a `peft.PeftConfig`; the student becomes a PEFT model and only its adapters train.
         Other arguments are those of `Trainer`.
     """
@@ -78,7 +79,7 @@ class DistillationTrainer(Trainer):
     def __init__(
         self,
         model: PreTrainedModel | nn.Module | str | None = None,
-        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | list | None = None,
         args: DistillationConfig | None = None,
         data_collator=None,
         train_dataset=None,
@@ -93,7 +94,8 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer needs a student model (a PreTrainedModel or a path).")
         model = load_model(model) if isinstance(model, str) else model
         self.task_kind = model_kind(model)
-        teacher_model = self._load_teacher(model, teacher_model, args, processing_class, teacher_processing_class)
+        teachers = self._load_teachers(model, teacher_model, args, processing_class, teacher_processing_class)
+        teacher_model = teachers[0] if teachers else None
         self.layer_map = self._resolve_layer_map(model, teacher_model, args)
         if peft_config is not None:
             model = get_peft_model(model, peft_config)
@@ -114,36 +116,53 @@ class DistillationTrainer(Trainer):
             **kwargs,
         )
         self.model_accepts_loss_kwargs = False  # the student's loss is computed here, never inside its forward
-        self.teacher_model = None if teacher_model is None else prepare_teacher(teacher_model, self.accelerator)
+        self.teachers = [prepare_teacher(teacher, self.accelerator) for teacher in teachers]
+        self.teacher_model = self.teachers[0] if self.teachers else None
         self.loss_fn = DistillationLoss.from_config(args)
         self._use_chunks: dict[str, bool] = {}  # decided per model on the first batch
         self._metric_sums = {"train": None, "eval": None}
-        if teacher_model is not None:
-            inner = unwrap_model(teacher_model)
-            self.teacher_name = getattr(inner.config, "_name_or_path", None) or type(inner).__name__
+        self.teacher_names = _unique_names(teachers) if teachers else []
+        if teachers:
+            self.teacher_name = ", ".join(self.teacher_names)
         else:
             self.teacher_name = self.cache_info.get("teacher_name") or "cached teacher"
 
+
     # ---- setup --------------------------------------------------------------------------------------
 
-    def _load_teacher(self, student, teacher, args, processing_class, teacher_processing_class):
-        """The teacher model (loaded from its path if need be) after checking it fits the student; None with a cache."""
+    def _load_teachers(self, student, teacher, args, processing_class, teacher_processing_class) -> list:
+        """The teacher models (loaded from their paths if need be), each checked to fit the student; [] with a cache."""
         teacher = teacher if teacher is not None else args.teacher_model_name_or_path
         if teacher is None and args.teacher_cache is None:
             raise ValueError(
                 "DistillationTrainer needs a teacher: pass teacher_model=..., set teacher_model_name_or_path, or "
                 "train from an offline cache with teacher_cache=..."
             )
-        if isinstance(teacher, str):
-            teacher_processing_class = teacher_processing_class or load_tokenizer_if_any(teacher)
-            teacher = load_model(teacher, **(args.teacher_model_init_kwargs or {}))
-        if teacher is not None:
+        if teacher is None:
+            return []
+        teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+        tokenizers = teacher_processing_class if isinstance(teacher_processing_class, (list, tuple)) else (
+            [teacher_processing_class] * len(teachers)
+        )
+        if len(tokenizers) != len(teachers):
+            raise ValueError(
+                f"teacher_processing_class has {len(tokenizers)} tokenizers for {len(teachers)} teachers: give one per "
+                "teacher, in the same order, or a single one they all share."
+            )
+        if len(teachers) > 1:
+            _check_several_teachers(args, len(teachers))
+        loaded = []
+        for teacher, tokenizer in zip(teachers, tokenizers):
+            if isinstance(teacher, str):
+                tokenizer = tokenizer or load_tokenizer_if_any(teacher)
+                teacher = load_model(teacher, **(args.teacher_model_init_kwargs or {}))
             check_compatible(student, teacher)
-            if processing_class is not None and teacher_processing_class is not None and self.task_kind != CLASSIFICATION:
-                check_tokenizers(processing_class, teacher_processing_class, min(output_size(student), output_size(teacher)))
+            if processing_class is not None and tokenizer is not None and self.task_kind != CLASSIFICATION:
+                check_tokenizers(processing_class, tokenizer, min(output_size(student), output_size(teacher)))
+            loaded.append(teacher)
         if self.task_kind != CAUSAL and args.distill_all_tokens:
             logger.warning("distill_all_tokens applies to causal LMs only; distilling on the labels.")
-        return teacher
+        return loaded
 
     def _resolve_layer_map(self, student, teacher, args) -> list[int] | None:
         """For each student layer, the teacher layer whose output it matches (None without a hidden-state term)."""
@@ -258,7 +277,7 @@ class DistillationTrainer(Trainer):
     def _needs_teacher(self, mode: str, select: torch.Tensor) -> bool:
         """Training with alpha = 0 and no hidden-state term never runs the teacher; evaluation always reports KD."""
         wanted = self.args.alpha > 0 or self.args.hidden_loss_weight > 0 or mode == "eval"
-        return wanted and bool(select.any()) and (self.teacher_model is not None or self.cache_info is not None)
+        return wanted and bool(select.any()) and (bool(self.teachers) or self.cache_info is not None)
 
     def _run_student(self, model, inputs, select) -> tuple[Any, StudentOutput]:
         chunked = self._chunking_works("student", model, inputs)
@@ -276,21 +295,28 @@ class DistillationTrainer(Trainer):
     def _run_teacher(self, inputs, select) -> TeacherOutput:
         if self.cache_info is not None:
             return TeacherOutput(self._cached_teacher(inputs, select))
-        chunked = self._chunking_works("teacher", self.teacher_model, inputs)
-        outputs = self._forward(self.teacher_model, inputs, chunked, own_decoder_inputs=True)
-        layers = self._layer_outputs(outputs, self.layer_map or [], select, inputs.get("attention_mask"))
-        if chunked:
-            head = unwrap_model(self.teacher_model).get_output_embeddings()
-            return TeacherOutput(TeacherHidden(outputs.hidden_states[-1][select], head), layers)
-        return TeacherOutput(TeacherLogits(outputs.logits[select]), layers)
+        members, layers = [], []
+        for i, teacher in enumerate(self.teachers):
+            chunked = self._chunking_works("teacher" if i == 0 else f"teacher_{i}", teacher, inputs)
+            outputs = self._forward(teacher, inputs, chunked, own_decoder_inputs=True)
+            if i == 0:  # the hidden-state term takes one teacher (checked at setup)
+                layers = self._layer_outputs(outputs, self.layer_map or [], select, inputs.get("attention_mask"))
+            if chunked:
+                head = unwrap_model(teacher).get_output_embeddings()
+                members.append(TeacherHidden(outputs.hidden_states[-1][select], head))
+            else:
+                members.append(TeacherLogits(outputs.logits[select]))
+            del outputs
+        return TeacherOutput(self.loss_fn.teacher_distribution(members), layers)
 
     def _whole_heads(self, model, student: StudentOutput, teacher: TeacherOutput | None):
         """Gather the heads the chunked loss projects with (sharded under FSDP2); the student's stays for backward."""
         heads = []
         if student.head is not None:
             heads.append((model, student.head, model.training and torch.is_grad_enabled()))
-        if teacher is not None and isinstance(teacher.distribution, TeacherHidden):
-            heads.append((self.teacher_model, teacher.distribution.head, False))
+        if teacher is not None:
+            members = getattr(teacher.distribution, "members", [teacher.distribution])
+            heads += [(model, member.head, False) for model, member in zip(self.teachers, members) if isinstance(member, TeacherHidden)]
         return whole_heads(heads)
 
     def _forward(self, model, inputs, chunked: bool, own_decoder_inputs: bool = False):
@@ -372,6 +398,10 @@ class DistillationTrainer(Trainer):
         sums = (result.kd_sum, result.ce_sum, result.hidden_sum, n_kd, n_ce)
         device = result.kd_sum.device
         values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in sums])
+        if len(self.teachers) > 1:  # each teacher's own divergence, after the five sums
+            members = result.member_kd_sums
+            members = torch.zeros(len(self.teachers), device=device) if members is None else members.float()
+            values = torch.cat([values, members.to(device)])
         if self.args.world_size > 1:
             values = self.accelerator.gather(values[None]).sum(0)
         current = self._metric_sums[mode]
@@ -393,10 +423,12 @@ class DistillationTrainer(Trainer):
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._metric_sums[mode]
         if sums is not None:
-            kd_sum, ce_sum, hidden_sum, n_kd, n_ce = sums.tolist()
+            kd_sum, ce_sum, hidden_sum, n_kd, n_ce, *member_sums = sums.tolist()
             prefix = "eval_" if mode == "eval" else ""
             if n_kd > 0:
                 logs[f"{prefix}kd_loss"] = round(kd_sum / n_kd, 6)
+                for name, member_sum in zip(self.teacher_names, member_sums):
+                    logs[f"{prefix}kd_loss/{name}"] = round(member_sum / n_kd, 6)
                 if self.layer_map:
                     logs[f"{prefix}hidden_loss"] = round(hidden_sum / n_kd, 6)
             if n_ce > 0:
@@ -463,3 +495,25 @@ def _num_layers(config, kind) -> int:
     if kind == SEQ2SEQ:
         return getattr(config, "num_decoder_layers", None) or config.num_hidden_layers
     return config.num_hidden_layers
+
+
+def _check_several_teachers(args, n_teachers: int) -> None:
+    """What several teachers can't be combined with, refused before anything loads."""
+    if args.hidden_loss_weight:
+        raise ValueError(
+            f"hidden_loss_weight={args.hidden_loss_weight} matches one teacher's layers, but {n_teachers} teachers are "
+            "given: distill hidden states from one teacher, or set hidden_loss_weight=0 with several."
+        )
+    if args.teacher_cache is not None:
+        raise ValueError("teacher_cache holds one teacher's targets; with several teachers leave teacher_cache unset.")
+    normalized_weights(args.teacher_weights, n_teachers)
+
+
+def _unique_names(teachers) -> list[str]:
+    """Short names for the teachers' log lines: the last part of each one's path or id, numbered if repeated."""
+    names = []
+    for teacher in teachers:
+        inner = unwrap_model(teacher)
+        name = os.path.basename(str(getattr(inner.config, "_name_or_path", "") or "").rstrip("/")) or type(inner).__name__
+        names.append(name)
+    return [f"{name}_{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]

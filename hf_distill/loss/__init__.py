@@ -5,6 +5,7 @@
           → closed_form  (chunk gradients without autograd)
           → buckets      (divergences against a cached top-k teacher)
               → divergences  (the math on log-probabilities)
+          → ensemble     (several teachers: their mixture, or the sum of their divergences)
       → hidden     (the intermediate-layer term)
 """
 
@@ -21,12 +22,14 @@ from .blended import (
 )
 from .buckets import CachedTeacher, tail_log_mass, top_k_entries
 from .divergences import LOSS_TYPES, check_loss_settings, cross_entropy_per_position
+from .ensemble import MULTI_TEACHER, TeacherEnsemble, mixture_logits, normalized_weights
 from .hidden import HIDDEN_LOSS_TYPES, default_layer_map
 from .objective import DistillationLoss, LossOutput, StudentOutput, TeacherOutput
 
 __all__ = [
-    "CachedTeacher", "DistillationLoss", "HIDDEN_LOSS_TYPES", "LOSS_TYPES", "LossOutput", "LossSettings",
-    "PositionTargets", "StudentOutput", "TeacherHidden", "TeacherLogits", "TeacherOutput", "blended_loss",
+    "CachedTeacher", "DistillationLoss", "HIDDEN_LOSS_TYPES", "LOSS_TYPES", "LossOutput", "LossSettings", "MULTI_TEACHER",
+    "PositionTargets", "StudentOutput", "TeacherEnsemble", "TeacherHidden", "TeacherLogits", "TeacherOutput",
+    "blended_loss", "mixture_logits", "normalized_weights",
     "check_loss_settings", "chunked_blended_loss", "cross_entropy_per_position", "default_chunk_size",
     "default_layer_map", "distillation_loss", "tail_log_mass", "token_divergence", "top_k_entries",
 ]

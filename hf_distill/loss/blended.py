@@ -13,7 +13,7 @@ here, to the per-position values and to the closed-form gradients' row weights.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Union
 
 import torch
@@ -29,6 +29,7 @@ from .divergences import (
     probability_divergence,
     temperature_scale,
 )
+from .ensemble import TeacherEnsemble, mixture_logits
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class PositionTargets:
             self.targets[part], self.kd_mask[part], self.ce_mask[part], self.kd_scale, self.ce_scale, self.hidden_scale
         )
 
+    def reweighted(self, kd_weight: float, keep_ce: bool) -> "PositionTargets":
+        """The KD term scaled by `kd_weight`, and CE kept or dropped: one teacher's share of a summed loss."""
+        return replace(self, kd_scale=self.kd_scale * kd_weight, ce_scale=self.ce_scale if keep_ce else 0.0)
+
 
 @dataclass
 class TeacherLogits:
@@ -90,7 +95,7 @@ class TeacherHidden:
             return self.head(self.hidden[part])
 
 
-Teacher = Union[TeacherLogits, TeacherHidden, CachedTeacher]
+Teacher = Union[TeacherLogits, TeacherHidden, CachedTeacher, TeacherEnsemble]
 
 
 def token_divergence(
@@ -240,6 +245,46 @@ def blended_loss_and_grad(student_logits, teacher, positions: PositionTargets, s
     return loss, kd_sum, ce_sum, grad.to(student_logits.dtype)
 
 
+def _terms(teacher, teacher_rows, positions: PositionTargets, settings: LossSettings) -> list:
+    """The (teacher rows, positions) pairs whose blended losses add up to the objective on these rows."""
+    if not isinstance(teacher, TeacherEnsemble):
+        return [(teacher_rows, positions)]
+    if teacher.reduction == "mean_probs":
+        return [(mixture_logits(teacher_rows, teacher.weights, settings.temperature), positions)]
+    return [(rows, positions.reweighted(w, keep_ce=i == 0)) for i, (rows, w) in enumerate(zip(teacher_rows, teacher.weights))]
+
+
+def block_loss(student_logits, teacher, teacher_rows, positions: PositionTargets, settings: LossSettings, closed_form: bool):
+    """(loss, Σ KD, Σ CE, d loss / d logits or None, Σ KD of each teacher or None) on one block of positions.
+
+    `teacher_rows` are `teacher.rows(...)` for the block. With `closed_form` the gradient comes from
+    `blended_loss_and_grad`; otherwise the loss is in the autograd graph of `student_logits`. For a
+    `TeacherEnsemble` the KD sum is that of the mixture (`mean_probs`) or the weighted sum of the teachers'
+    (`mean_loss`), and each teacher's own divergence is summed for its log line.
+    """
+    loss, grad, ce_sum, kd_sums = None, None, None, []
+    for rows, part_positions in _terms(teacher, teacher_rows, positions, settings):
+        if closed_form:
+            term, kd, ce, term_grad = blended_loss_and_grad(student_logits, rows, part_positions, settings)
+            grad = term_grad if grad is None else grad.add_(term_grad)
+        else:
+            term, kd, ce = blended_loss(student_logits, rows, part_positions, settings)
+        loss = term if loss is None else loss + term
+        ce_sum = ce if ce_sum is None else ce_sum
+        kd_sums.append(kd)
+    if not isinstance(teacher, TeacherEnsemble):
+        return loss, kd_sums[0], ce_sum, grad, None
+    if teacher.reduction == "mean_loss":
+        members = torch.stack(kd_sums)
+        return loss, (members * members.new_tensor(teacher.weights)).sum(), ce_sum, grad, members
+    with torch.no_grad():
+        members = torch.stack([
+            torch.where(positions.kd_mask, token_divergence(student_logits, rows, **_divergence_options(settings)), 0.0).sum()
+            for rows in teacher_rows
+        ])
+    return loss, kd_sums[0], ce_sum, grad, members
+
+
 class _ChunkedBlendedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher, positions, settings, chunk_size):
@@ -247,7 +292,8 @@ class _ChunkedBlendedLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
-        totals = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        n_members = len(teacher) if isinstance(teacher, TeacherEnsemble) else 0
+        totals = torch.zeros(3 + n_members, dtype=torch.float32, device=hidden.device)
         closed_form = settings.closed_form and has_closed_form(teacher, settings)
 
         for start in range(0, hidden.shape[0], chunk_size):
@@ -256,14 +302,19 @@ class _ChunkedBlendedLoss(torch.autograd.Function):
             teacher_rows = None if teacher is None else teacher.rows(part)
             if closed_form:
                 logits = F.linear(h, weight, bias)
-                loss, kd_sum, ce_sum, grad_logits = blended_loss_and_grad(logits, teacher_rows, positions.chunk(part), settings)
+                loss, kd_sum, ce_sum, grad_logits, members = block_loss(
+                    logits, teacher, teacher_rows, positions.chunk(part), settings, closed_form=True
+                )
             else:
                 with torch.enable_grad():
                     logits = F.linear(h, weight, bias).detach().requires_grad_(True)
-                    loss, kd_sum, ce_sum = blended_loss(logits, teacher_rows, positions.chunk(part), settings)
+                    loss, kd_sum, ce_sum, _, members = block_loss(
+                        logits, teacher, teacher_rows, positions.chunk(part), settings, closed_form=False
+                    )
                     grad_logits = torch.autograd.grad(loss, logits)[0] if loss.requires_grad else torch.zeros_like(logits)
-            del logits
-            totals += torch.stack([loss.detach(), kd_sum, ce_sum])
+            del logits, teacher_rows
+            sums = [loss.detach(), kd_sum, ce_sum] + ([] if members is None else list(members))
+            totals += torch.stack(sums)
             if grad_hidden is not None:
                 grad_hidden[part] = grad_logits @ weight.to(grad_logits.dtype)
             if grad_weight is not None:
@@ -276,12 +327,12 @@ class _ChunkedBlendedLoss(torch.autograd.Function):
 
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        kd_total, ce_total = totals[1].clone(), totals[2].clone()
-        ctx.mark_non_differentiable(kd_total, ce_total)
-        return totals[0].clone(), kd_total, ce_total
+        kd_total, ce_total, member_totals = totals[1].clone(), totals[2].clone(), totals[3:].clone()
+        ctx.mark_non_differentiable(kd_total, ce_total, member_totals)
+        return totals[0].clone(), kd_total, ce_total, member_totals
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce, _grad_members):
         grads = []
         for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             grads.append(None if grad is None else (grad * grad_loss).to(dtype))
@@ -296,17 +347,20 @@ def chunked_blended_loss(
     positions: PositionTargets,
     settings: LossSettings,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_member_sums: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """`blended_loss` of `F.linear(student_hidden, head_weight, head_bias)`, computed `chunk_size` positions at a time.
 
     `student_hidden` (N, D) holds the student's final hidden states at the selected positions; `teacher`
     is a `TeacherHidden` (projected chunk by chunk without gradient), `TeacherLogits`, a `CachedTeacher`,
-    or None (the student's own loss alone). Values and gradients equal the unchunked `blended_loss` up to
-    float rounding.
+    a `TeacherEnsemble` of the first two, or None (the student's own loss alone). Values and gradients equal
+    the unchunked `blended_loss` up to float rounding. Returns (loss, Σ KD, Σ CE), and with
+    `return_member_sums` also each ensemble teacher's Σ KD (empty for a single teacher).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
-    return _ChunkedBlendedLoss.apply(student_hidden, head_weight, head_bias, teacher, positions, settings, chunk_size)
+    result = _ChunkedBlendedLoss.apply(student_hidden, head_weight, head_bias, teacher, positions, settings, chunk_size)
+    return result if return_member_sums else result[:3]
 
 
 # Logits values one chunk may hold. Measured (benchmarks/RESULTS.md): on an H100 at V=151,936 the time

@@ -21,10 +21,12 @@ from .blended import (
     TeacherHidden,
     TeacherLogits,
     blended_loss,
+    block_loss,
     chunked_blended_loss,
     default_chunk_size,
 )
 from .divergences import check_loss_settings
+from .ensemble import TeacherEnsemble, check_reduction, normalized_weights
 from .hidden import HIDDEN_LOSS_TYPES, hidden_state_sum
 
 
@@ -59,6 +61,7 @@ class LossOutput:
     kd_sum: torch.Tensor  # Σ divergence over distilled positions (detached, for logging)
     ce_sum: torch.Tensor  # Σ CE over target positions
     hidden_sum: torch.Tensor  # Σ hidden-state distance over distilled positions
+    member_kd_sums: torch.Tensor | None = None  # several teachers: each one's Σ divergence (for its log line)
 
 
 class DistillationLoss:
@@ -71,6 +74,9 @@ class DistillationLoss:
         chunk_size: positions per chunk of the chunked loss (None: from the vocabulary and device).
         compile: fuse the chunk math with `torch.compile`.
         hidden_loss_weight, hidden_loss_type: weight and distance ("mse", "cosine") of the hidden-state term.
+        multi_teacher, teacher_weights: with several teachers, how their targets are reduced ("mean_probs": the
+            weighted mixture of their distributions; "mean_loss": the weighted sum of their divergences) and
+            their weights (None: equal; normalized to sum to 1).
     """
 
     def __init__(
@@ -85,6 +91,8 @@ class DistillationLoss:
         compile: bool = False,
         hidden_loss_weight: float = 0.0,
         hidden_loss_type: str = "mse",
+        multi_teacher: str = "mean_probs",
+        teacher_weights: list[float] | None = None,
     ):
         check_loss_settings(loss_type, temperature, beta, skew)
         if hidden_loss_type not in HIDDEN_LOSS_TYPES:
@@ -94,6 +102,9 @@ class DistillationLoss:
         self.chunk_size = chunk_size
         self.hidden_loss_weight = hidden_loss_weight
         self.hidden_loss_type = hidden_loss_type
+        check_reduction(multi_teacher)
+        self.multi_teacher = multi_teacher
+        self.teacher_weights = teacher_weights
 
     @classmethod
     def from_config(cls, args) -> "DistillationLoss":
@@ -108,7 +119,15 @@ class DistillationLoss:
             compile=args.compile_loss,
             hidden_loss_weight=args.hidden_loss_weight,
             hidden_loss_type=args.hidden_loss_type,
+            multi_teacher=args.multi_teacher,
+            teacher_weights=args.teacher_weights,
         )
+
+    def teacher_distribution(self, members: list[Teacher]) -> Teacher:
+        """One teacher's distribution as is; several as a `TeacherEnsemble` with this loss's weights and reduction."""
+        if len(members) == 1:
+            return members[0]
+        return TeacherEnsemble(members, normalized_weights(self.teacher_weights, len(members)), self.multi_teacher)
 
     def positions(self, targets, kd_mask, ce_mask, n_kd: int, n_ce: int) -> PositionTargets:
         """Targets and term scales for positions whose counts over the accumulated batch are `n_kd`, `n_ce`."""
@@ -122,13 +141,20 @@ class DistillationLoss:
         if student.head is not None:
             head = student.head
             chunk_size = self.chunk_size or default_chunk_size(head.weight.shape[0], device_type=head.weight.device.type)
-            loss, kd_sum, ce_sum = chunked_blended_loss(
-                student.hidden, head.weight, head.bias, distribution, positions, self.settings, chunk_size
+            loss, kd_sum, ce_sum, members = chunked_blended_loss(
+                student.hidden, head.weight, head.bias, distribution, positions, self.settings, chunk_size,
+                return_member_sums=True,
+            )
+        elif isinstance(distribution, TeacherEnsemble):
+            rows = distribution.rows(slice(None))
+            loss, kd_sum, ce_sum, _, members = block_loss(
+                student.logits, distribution, rows, positions, self.settings, closed_form=False
             )
         else:
             if isinstance(distribution, (TeacherLogits, TeacherHidden)):  # the whole of a teacher's logits
                 distribution = distribution.rows(slice(None))
             loss, kd_sum, ce_sum = blended_loss(student.logits, distribution, positions, self.settings)
+            members = None
 
         hidden_sum = loss.new_zeros(())
         if positions.hidden_scale and teacher is not None and teacher.layers:
@@ -137,5 +163,6 @@ class DistillationLoss:
             hidden_sum = hidden.detach()
         # Keep the student in the graph when no position is selected, so distributed backward stays in step.
         loss = loss + 0.0 * student.anchor.sum()
-        return LossOutput(loss, kd_sum, ce_sum, hidden_sum)
+        members = members if isinstance(distribution, TeacherEnsemble) else None
+        return LossOutput(loss, kd_sum, ce_sum, hidden_sum, members)
 
