@@ -33,9 +33,17 @@ def weights(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def with_dropout(model, p=0.2):
+    """Attention dropout draws from the torch RNG at every step, so equal runs need its state restored too."""
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
+    return model
+
+
 def other_student(tokenizer):
     """Other weights than the original student's: resuming must load the checkpoint's."""
-    return small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=7)
+    return with_dropout(small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=7))
 
 
 def logs_after(trainer, step):
@@ -92,7 +100,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, causal_pair, tokenizer, s
     if overrides.pop("teacher_cache", False):
         overrides["teacher_cache"] = str(build_cache(teacher, dataset, tokenizer, tmp_path / "cache", temperature=2.0))
         teacher = None
-    reference = run(tmp_path, "uninterrupted", teacher, copy.deepcopy(student), dataset, tokenizer, **overrides)
+    reference = run(tmp_path, "uninterrupted", teacher, with_dropout(student), dataset, tokenizer, **overrides)
     checkpoint = tmp_path / "uninterrupted" / "checkpoint-4"
     start = other_student(tokenizer)
     resumed = run(tmp_path, "resumed", teacher, start, dataset, tokenizer, resume=str(checkpoint), **overrides)
@@ -123,7 +131,7 @@ def test_kill_while_saving_falls_back_to_the_previous_checkpoint(tmp_path, causa
     """A checkpoint cut short (no trainer_state.json, which Trainer writes last) is skipped by resume=True."""
     teacher, student = causal_pair
     dataset = prompt_response_dataset(tokenizer, n=12)
-    reference = run(tmp_path, "uninterrupted", teacher, copy.deepcopy(student), dataset, tokenizer)
+    reference = run(tmp_path, "uninterrupted", teacher, with_dropout(student), dataset, tokenizer)
     killed = tmp_path / "killed"
     for step in (2, 4, 6):
         shutil.copytree(tmp_path / "uninterrupted" / f"checkpoint-{step}", killed / f"checkpoint-{step}")
@@ -157,6 +165,7 @@ def test_kill_9_while_training_then_resume(tmp_path, causal_pair, tokenizer):
     teacher, student = causal_pair
     work = tmp_path / "work"
     teacher.save_pretrained(work / "teacher")
+    student.config.attention_dropout = 0.2  # as with_dropout: the RNG state must survive the kill too
     student.save_pretrained(work / "student")
     tokenizer.save_pretrained(work / "tokenizer")
     out = tmp_path / "run"
@@ -243,6 +252,10 @@ def test_recipe_run_refuses_or_resumes_its_folders(tmp_path, capsys):
 
     from hf_distill.runner.cli import main
 
-    code = main(["train", str(REPO / "recipes" / "translation_causal.yaml"), "--teacher_model_name_or_path", "org/teacher",
-                 "--dataset_name", str(DATA), "--output_dir", str(out), "--bf16", "false", "--use_cpu", "true"])
+    models = {name: tmp_path / name for name in ("teacher", "student")}  # never loaded: the check comes first
+    for folder in models.values():
+        small_llama(64, hidden_size=32, num_layers=1).save_pretrained(folder)
+    code = main(["train", str(REPO / "recipes" / "translation_causal.yaml"), "--dataset_name", str(DATA),
+                 "--teacher_model_name_or_path", str(models["teacher"]), "--student_model_name_or_path",
+                 str(models["student"]), "--output_dir", str(out), "--bf16", "false", "--use_cpu", "true"])
     assert code == 2 and "_baseline' already holds a run" in capsys.readouterr().err
