@@ -284,6 +284,7 @@ def load_cache(cache_dir: str | os.PathLike, dataset, tokenizer, settings: Cache
     if damaged:
         raise ValueError(
             f"The teacher cache in {path} has damaged shards {damaged[:3]}: their size or sha256 differs from what "
-            f"{INFO_FILE} recorded when they were written. Run cache-teacher again with the same settings to rebuild them."
+            f"{INFO_FILE} recorded when they were written. Run cache-teacher again with the same settings to rebuild "
+            "them."
         )
     return concatenate_datasets([Dataset.from_file(str(s)) for s in shards]), info

@@ -57,8 +57,8 @@ def existing_run(output_dir: str | os.PathLike, extra_files: tuple[str, ...] = (
     return found + [name for name in marks if os.path.exists(os.path.join(output_dir, name))]
 
 
-def resolve_resume(output_dir: str | os.PathLike, resume_from_checkpoint, extra_files: tuple[str, ...] = ()) -> str | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite an earlier run in `output_dir`.
+def resolve_resume(output_dir: str | os.PathLike, resume_from_checkpoint, extra_files: tuple[str, ...] = ()):
+    """The checkpoint to resume from (a path), or None for a fresh run; refuses to overwrite an earlier run.
 
     `resume_from_checkpoint`: None/False (a fresh run: `output_dir` must hold no run), True (the last complete
     checkpoint in `output_dir`), or a checkpoint folder (which must be complete).

@@ -6,6 +6,7 @@
     hf-distill prune TEACHER --output_dir student/ --num_layers 10 --data_files text.jsonl  # a student made alone
     hf-distill demo
     accelerate launch -m hf_distill.runner.cli train recipes/translation.yaml    # multi-GPU
+    hf-distill train recipes/translation.yaml --resume_from_checkpoint true     # after a crash or kill
 
 Every field of RecipeArguments and DistillationConfig (so every TrainingArguments field) can be set in the
 YAML file and overridden on the command line as `--field value`. Mistakes are reported in one line (exit status 2);
@@ -42,7 +43,7 @@ COMMANDS = ("train", "eval", "cache-teacher", "prune", "demo")
 COMMON_TRAINING_FIELDS = (
     "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "lr_scheduler_type", "warmup_steps", "bf16", "eval_strategy", "eval_steps", "logging_steps",
-    "save_strategy", "seed", "report_to", "push_to_hub", "hub_model_id",
+    "save_strategy", "save_steps", "resume_from_checkpoint", "seed", "report_to", "push_to_hub", "hub_model_id",
 )
 
 
