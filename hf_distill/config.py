@@ -21,7 +21,8 @@ class DistillationConfig(TrainingArguments):
     averaged over the target tokens of the whole accumulated batch.
     """
 
-    teacher_model_name_or_path: str | list[str] | None = field(
+    # list[str] first: HfArgumentParser then takes it as a str option (it fails on `str | list[str] | None`)
+    teacher_model_name_or_path: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Hub id or local folder of the teacher, used when the trainer is given no teacher_model. A list "
