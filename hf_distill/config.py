@@ -10,6 +10,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .loss import HIDDEN_LOSS_TYPES, LOSS_TYPES, MULTI_TEACHER, check_loss_settings, normalized_weights
+from .modeling import resolve_init_kwargs
 
 
 @dataclass
@@ -158,6 +159,14 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        # A YAML list or string here would otherwise fail deep inside a comparison or the optimizer.
+        for name in ("alpha", "temperature", "beta", "skew", "hidden_loss_weight", "learning_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                default = self.__dataclass_fields__[name].default
+                raise TypeError(f"{name}={value!r} must be a number, for instance {name}={default!r}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be a finite number >= 0, for instance 5e-05.")
         if self.teacher_cache_tail not in ("bucket", "renormalize"):
             raise ValueError(f"teacher_cache_tail={self.teacher_cache_tail!r}; choose 'bucket' or 'renormalize'.")
         check_loss_settings(self.loss_type, self.temperature, self.beta, self.skew)
@@ -195,12 +204,21 @@ class DistillationConfig(TrainingArguments):
 
 
 def parse_init_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
-    """`teacher_model_init_kwargs` as a dict: a JSON string from a command line or YAML is parsed."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as error:
+    """`teacher_model_init_kwargs` as a dict: a JSON string from a command line or YAML is parsed, and checked."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"teacher_model_init_kwargs={value!r} is not valid JSON ({error}); write it like '{{\"dtype\": \"bfloat16\"}}'."
+            ) from None
+    if value is not None and not isinstance(value, dict):
         raise ValueError(
-            f"teacher_model_init_kwargs={value!r} is not valid JSON ({error}); write it like '{{\"dtype\": \"bfloat16\"}}'."
-        ) from None
+            f"teacher_model_init_kwargs={value!r} must be a mapping of from_pretrained arguments, like "
+            '{"dtype": "bfloat16"}.'
+        )
+    try:
+        resolve_init_kwargs(value)  # an unknown dtype name is refused now, not when the teacher loads
+    except ValueError as error:
+        raise ValueError(f"teacher_model_init_kwargs has {error}") from None
+    return value

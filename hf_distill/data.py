@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 from transformers.utils import logging
 
-from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ
+from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -68,9 +70,12 @@ def rows_without_targets(labels_column, kind: str) -> int:
     return sum(1 for labels in labels_column if all(label == -100 for label in list(labels)[skip:]))
 
 
-def check_train_dataset(dataset, kind: str, name: str = "train_dataset") -> None:
-    """Raise before training on a dataset that cannot train; warn about rows that add nothing."""
-    if dataset is None or not hasattr(dataset, "__len__"):
+def check_train_dataset(dataset, kind: str, name: str = "train_dataset", models=()) -> None:
+    """Raise before training on a dataset that cannot train; warn about rows that add nothing.
+
+    With `models` (student, teacher), also check that token ids, class ids and row lengths fit every model.
+    """
+    if dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, dict):
         return
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty: give it at least one tokenized row.")
@@ -83,9 +88,15 @@ def check_train_dataset(dataset, kind: str, name: str = "train_dataset") -> None
             "dataset.map(lambda rows: tokenizer(rows['text']), batched=True)), so each row has input_ids (and labels)."
         )
     if kind == CLASSIFICATION and "labels" not in columns and "label" not in columns:
-        raise ValueError(f"{name} has columns {columns} but no 'labels' (or 'label'): a classifier needs class ids.")
+        raise ValueError(
+            f"{name} has columns {columns} but no 'labels' (or 'label'): a classifier needs class ids; add a 'labels' "
+            "column of ints."
+        )
     if kind == SEQ2SEQ and "labels" not in columns:
-        raise ValueError(f"{name} has columns {columns} but no 'labels': a seq2seq model needs target token ids.")
+        raise ValueError(
+            f"{name} has columns {columns} but no 'labels': a seq2seq model needs target token ids; add them with "
+            "tokenizer(text_target=targets)."
+        )
     if "labels" in columns and kind != CLASSIFICATION:
         empty = rows_without_targets(dataset["labels"], kind)
         if empty == len(dataset):
@@ -98,6 +109,64 @@ def check_train_dataset(dataset, kind: str, name: str = "train_dataset") -> None
                 f"{empty} of {len(dataset)} rows of {name} have no target token (every label is -100) and add nothing "
                 "to the loss; drop them to save compute."
             )
+    if hasattr(dataset, "with_format"):
+        check_rows_fit(dataset, kind, name, [unwrap_model(m) for m in models if m is not None])
+
+
+def check_rows_fit(dataset, kind: str, name: str, models: list) -> None:
+    """Token ids inside each model's vocabulary, class ids below num_labels, rows within max_position_embeddings.
+
+    Each of these would otherwise fail inside the first forward pass with an index error that names no row or setting.
+    """
+    if not models:
+        return
+    columns = dataset.with_format("arrow")
+    try:
+        lengths, flat = pc.list_value_length(columns["input_ids"]), pc.list_flatten(columns["input_ids"])
+    except (pa.ArrowException, TypeError):  # not a column of id lists (a custom format): left to the collator
+        return
+    smallest, largest = (pc.min(flat).as_py(), pc.max(flat).as_py()) if len(flat) else (0, 0)
+    if smallest < 0:
+        raise ValueError(
+            f"{name} has input id {smallest} in input_ids: pad input_ids with the pad token id (only labels use -100 "
+            "to mask)."
+        )
+    if kind != CLASSIFICATION and "labels" in dataset.column_names and len(flat):
+        largest = max(largest, pc.max(pc.list_flatten(columns["labels"])).as_py())
+    longest = pc.max(lengths).as_py() if len(lengths) else 0
+    for model in models:
+        model_name = type(model).__name__
+        vocab = _embedding_rows(model)
+        if vocab is not None and largest >= vocab:
+            raise ValueError(
+                f"{name} has token id {largest} but {model_name} embeds only {vocab} tokens (ids 0..{vocab - 1}): "
+                "tokenize the data with the student's tokenizer, or resize the model's embeddings to it."
+            )
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if isinstance(limit, int) and longest > limit:
+            raise ValueError(
+                f"{name} has rows of up to {longest} tokens but {model_name} takes at most {limit} positions "
+                f"(max_position_embeddings): truncate them, e.g. tokenizer(..., truncation=True, max_length={limit}), "
+                "or lower max_length in the recipe."
+            )
+    label_column = "labels" if "labels" in dataset.column_names else "label"
+    if kind == CLASSIFICATION and label_column in dataset.column_names:
+        num_labels = min(model.config.num_labels for model in models)
+        labels = pc.filter(columns[label_column], pc.not_equal(columns[label_column], -100))
+        bad = pc.filter(labels, pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_labels)))
+        if len(bad):
+            raise ValueError(
+                f"{name} has class label {bad[0].as_py()} but the models predict {num_labels} classes (0..{num_labels - 1}): "
+                f"map the labels to 0..{num_labels - 1}, or give the models num_labels to match."
+            )
+
+
+def _embedding_rows(model) -> int | None:
+    try:
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):
+        return None
+    return weight.shape[0] if weight is not None and weight.dim() == 2 else None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import json
 
+import huggingface_hub
 import pytest
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, pipeline
@@ -66,8 +67,14 @@ def refuse_to_run(*args, **kwargs):
     raise AssertionError("a user error must be reported before anything loads")
 
 
+def as_if_online(monkeypatch):
+    # The recipes name Hub models, which the offline check would refuse; nothing is downloaded here.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture
 def nothing_runs(monkeypatch):
+    as_if_online(monkeypatch)
     for name in ("train_recipe", "evaluate_saved", "cache_recipe_teacher", "run_demo"):
         monkeypatch.setattr(cli, name, refuse_to_run)
 
@@ -132,6 +139,7 @@ def test_errors_while_running_are_one_line(capsys, monkeypatch):
     def fails(*args, **kwargs):
         raise ValueError("The data has columns ['a']\nbut the recipe needs ['source']")
 
+    as_if_online(monkeypatch)
     monkeypatch.setattr(cli, "train_recipe", fails)
     assert main(["train", str(REPO / "recipes" / "translation.yaml"), "--dataset_name", DATA]) == 2
     assert "--debug" in one_line_error(capsys, "columns ['a'] but the recipe")

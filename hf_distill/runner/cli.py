@@ -23,18 +23,21 @@ import glob
 import json
 import os
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 from ..config import DistillationConfig, parse_init_kwargs
 from ..model_card import looks_like_hub_id
+from ..modeling import check_model_source
 from .demo import run_demo
 from ..pruning import describe_student
 from .pipeline import cache_recipe_teacher, evaluate_saved, prune_from_files, train_recipe
-from .recipe import RecipeArguments
+from .recipe import RecipeArguments, builder_for
 
 DEBUG_ENV = "HF_DISTILL_DEBUG"
 COMMANDS = ("train", "eval", "cache-teacher", "prune", "demo")
@@ -113,19 +116,33 @@ def parse_recipe(config_path: str | None, overrides: list[str], dataclass_types=
     accepted = _field_names(*dataclass_types)
     if config_path:
         if not os.path.isfile(config_path):
-            raise UsageError(f"recipe file {config_path!r} not found.")
+            raise UsageError(
+                f"recipe file {config_path!r} not found; give the path of a YAML recipe, like recipes/translation.yaml."
+            )
         with open(config_path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+            try:
+                values = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f"line {mark.line + 1}: " if mark is not None else ""
+                raise UsageError(
+                    f"{config_path} is not valid YAML ({where}{getattr(error, 'problem', None) or error}); write one "
+                    "`field: value` a line."
+                ) from None
         if not isinstance(values, dict):
             raise UsageError(f"{config_path} must hold a mapping of field: value, not a {type(values).__name__}.")
-        unknown = sorted(set(values) - _field_names(RecipeArguments, DistillationConfig))
+        known = _field_names(RecipeArguments, DistillationConfig)
+        unknown = sorted(set(values) - known)
         if unknown:
+            match = difflib.get_close_matches(unknown[0], sorted(known), n=1)
             raise UsageError(
-                f"{config_path} sets unknown fields {unknown}. Fields are those of RecipeArguments and "
-                "DistillationConfig (TrainingArguments included); see `hf-distill train --help`."
+                f"{config_path} sets unknown fields {unknown}" + (f" (did you mean {match[0]}?)" if match else "")
+                + ". Fields are those of RecipeArguments and DistillationConfig (TrainingArguments included); see "
+                "`hf-distill train --help`."
             )
         # A recipe holds training settings too; eval and cache-teacher take only the fields they use.
-        parser.set_defaults(**{key: value for key, value in values.items() if key in accepted})
+        values = {key: value for key, value in values.items() if key in accepted}
+        parser.set_defaults(**_typed_yaml_values(values, parser, dataclass_types, config_path))
     _, rest = parser.parse_known_args(overrides)  # unknown options first: before any dataclass validates
     if rest:
         flag = next((arg for arg in rest if arg.startswith("-")), rest[0])
@@ -140,6 +157,43 @@ def parse_recipe(config_path: str | None, overrides: list[str], dataclass_types=
     return tuple(parsed)
 
 
+def _typed_yaml_values(values: dict, parser: HfArgumentParser, dataclass_types, config_path: str) -> dict:
+    """YAML values converted to each field's type. argparse converts only string defaults, so a YAML list, mapping
+    or number of the wrong kind would otherwise reach the dataclasses as is and fail deep inside training."""
+    actions = {}
+    for action in parser._actions:
+        actions.setdefault(action.dest, action)
+    # From the annotations: HfArgumentParser rewrites the fields' own `type` (dict | str becomes str).
+    annotations = {name: str(hint) for cls in dataclass_types for name, hint in typing.get_type_hints(cls).items()}
+    typed = {}
+    for key, value in values.items():
+        action, annotation = actions[key], annotations.get(key, "")
+        takes_list = action.nargs in ("+", "*")
+        convert = action.type or (lambda v: v)
+        kind = "true or false" if action.type is string_to_bool else getattr(action.type, "__name__", "value")
+        as_is = value is None or (isinstance(value, str) and not takes_list) or (isinstance(value, dict) and "dict" in annotation)
+        try:
+            if as_is:
+                typed[key] = value  # strings are converted by argparse itself
+            elif isinstance(value, list) and takes_list:
+                typed[key] = [convert(str(item)) for item in value]
+            elif isinstance(value, list) and "list" in annotation:
+                typed[key] = value
+            elif takes_list or isinstance(value, (list, dict)):
+                raise ValueError
+            else:
+                typed[key] = convert(str(value))
+        except (ValueError, TypeError):
+            if takes_list:
+                example = f"[{value!r}]" if not isinstance(value, (list, dict)) else f"[<{kind}>, ...]"
+            else:
+                example = json.dumps(action.default) if isinstance(action.default, (int, float, str)) else f"<one {kind}>"
+            example = f"{key}: {example}"
+            wanted = f"a list of {kind}" if takes_list else f"one {kind}"
+            raise UsageError(f"{config_path}: {key}={value!r} is not {wanted}; write it like `{example}`.") from None
+    return typed
+
+
 # ---- checks before anything heavy loads ----------------------------------------------------------------------
 
 
@@ -148,24 +202,42 @@ def _looks_local(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
 
 
-def check_paths(recipe: RecipeArguments, models: dict[str, str | None]) -> None:
+def check_paths(recipe: RecipeArguments, models: dict[str, str | None], student: bool = True) -> None:
     """Refuse missing local data and model folders, and a `dataset_name` that cannot be a Hub id, before any
-    model or data loads. `models` maps a setting's name to a model path or Hub id."""
+    model or data loads. `models` maps a setting's name to a model path or Hub id; `student` adds the recipe's."""
     if recipe.data_files:
         if not glob.glob(recipe.data_files):
-            raise UsageError(f"data_files={recipe.data_files!r}: no such file.")
+            raise UsageError(
+                f"data_files={recipe.data_files!r}: no such file; give a .json, .jsonl, .csv or .parquet file (a glob works)."
+            )
     elif recipe.dataset_name and not os.path.exists(recipe.dataset_name):
         if _looks_local(recipe.dataset_name) or not looks_like_hub_id(recipe.dataset_name):
             raise UsageError(
                 f"dataset_name={recipe.dataset_name!r} is neither a local file or folder nor a Hub dataset id "
                 "(name or org/name)."
             )
-    if recipe.student_init == "pretrained":
+    files = glob.glob(recipe.data_files or "") or [name for name in [recipe.dataset_name] if name and os.path.isfile(name)]
+    for file in files:
+        try:
+            builder_for(file)  # a .txt or .tsv file is refused here, not after the teacher has loaded
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if os.path.getsize(file) == 0:  # `datasets` would stop with a bare StopIteration
+            raise UsageError(f"data file {file!r} is empty; give a file with at least one row.")
+    if student and recipe.student_init == "pretrained":
         models = {"student_model_name_or_path": recipe.student_model_name_or_path, **models}
     models = {"tokenizer_name_or_path": recipe.tokenizer_name_or_path, **models}
-    for setting, path in models.items():
-        if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
-            raise UsageError(f"{setting}={path!r}: no such folder.")
+    for setting, value in list(models.items()):  # several teachers: each one is checked
+        if isinstance(value, list):
+            del models[setting]
+            models.update({f"{setting}[{i}]": path for i, path in enumerate(value)})
+    # Local paths first, then Hub ids: a mistyped folder is the likelier mistake.
+    for setting, path in sorted(models.items(), key=lambda item: not _looks_local(item[1] or "")):
+        if path:
+            try:
+                check_model_source(path, setting, needs_config=setting != "tokenizer_name_or_path")
+            except FileNotFoundError as error:
+                raise UsageError(str(error)) from None
 
 
 # ---- commands ----------------------------------------------------------------------------------------------
@@ -288,7 +360,9 @@ def _run(argv: list[str]) -> int:
         if not args.model:
             raise UsageError("hf-distill eval needs at least one --model NAME=PATH.")
         models = _models_option(args.model)
-        check_paths(recipe, {**{f"--model {name}": path for name, path in models.items()}, "--teacher": args.teacher})
+        # eval loads the --model folders, not the recipe's student
+        paths = {**{f"--model {name}": path for name, path in models.items()}, "--teacher": args.teacher}
+        check_paths(recipe, paths, student=False)
         rows, table = evaluate_saved(recipe, models, args.teacher, seed=parsed[1].seed)
         print(table)
         if args.output:

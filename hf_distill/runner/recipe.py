@@ -241,22 +241,35 @@ def load_raw_splits(recipe: RecipeArguments, seed: int = 42):
     """A `DatasetDict` with train, eval and test splits; missing held-out splits are carved from train."""
     source = recipe.data_files or recipe.dataset_name
     if recipe.data_files or os.path.isfile(source):
-        splits = load_dataset(builder_for(source), data_files=source)
+        try:
+            splits = load_dataset(builder_for(source), data_files=source)
+        except (StopIteration, ValueError) as error:  # what `datasets` raises for a file without rows
+            if isinstance(error, ValueError) and "corresponds to no data" not in str(error):
+                raise
+            raise ValueError(f"data file {source!r} has no rows; give a file with at least one row.") from None
     elif os.path.isdir(source) and any(
         os.path.exists(os.path.join(source, name)) for name in ("dataset_dict.json", "dataset_info.json")
     ):
         splits = load_from_disk(source)
         splits = splits if isinstance(splits, DatasetDict) else DatasetDict({"train": splits})
     else:
-        splits = load_dataset(source, recipe.dataset_config_name)
-    if recipe.train_split not in splits:
-        raise ValueError(f"The data has splits {list(splits)}, not train_split={recipe.train_split!r}.")
+        try:
+            splits = load_dataset(source, recipe.dataset_config_name)
+        except ConnectionError as error:  # `datasets` raises it for the Hub offline or unreachable
+            raise ValueError(
+                f"dataset_name={source!r} is not a local file or folder and cannot be fetched from the Hub ({error}); "
+                "download it while online, or give a local data file or save_to_disk folder."
+            ) from None
+    for name, split in (("train", recipe.train_split), ("eval", recipe.eval_split), ("test", recipe.test_split)):
+        if split is not None and split not in splits:
+            raise ValueError(f"The data has splits {list(splits)}, not {name}_split={split!r}; set {name}_split to one of them.")
+        if split is not None and len(splits[split]) == 0:
+            raise ValueError(f"{name}_split={split!r} of the data has no rows; give a split with rows, or leave {name}_split "
+                             "unset to carve it from train.")
     train = splits[recipe.train_split].shuffle(seed=seed)  # canonical orders (books, dates) must not leak
     held = {}
     for name, split in (("eval", recipe.eval_split), ("test", recipe.test_split)):
         if split is not None:
-            if split not in splits:
-                raise ValueError(f"The data has splits {list(splits)}, not {name}_split={split!r}.")
             held[name] = splits[split]
         else:
             if len(train) <= recipe.held_out_size:
@@ -348,6 +361,16 @@ def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42):
         else:
             prepared[name], stats[name] = tokenize_classification(rows, tokenizer, max_length=recipe.max_length)
         logger.warning(stats[name].summary(name)) if stats[name].dropped else logger.info(stats[name].summary(name))
+        if len(split) and not len(prepared[name]):  # otherwise the trainer would only say the split is empty
+            if recipe.packing:
+                raise ValueError(
+                    f"The {name} split's text makes no full block of max_length={recipe.max_length} tokens; lower "
+                    "max_length or give more text."
+                )
+            raise ValueError(
+                f"All {len(split)} rows of the {name} split were dropped ({stats[name].summary(name)}); raise "
+                f"max_length (now {recipe.max_length}) or lower min_response_tokens (now {recipe.min_response_tokens})."
+            )
     return DatasetDict(prepared), stats
 
 
