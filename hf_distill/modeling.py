@@ -4,12 +4,14 @@ and the one definition of a batch's model inputs and target positions (used by t
 from __future__ import annotations
 
 import copy
+import os
 from enum import Enum
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -99,10 +101,37 @@ def resolve_init_kwargs(init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
 def load_model(name_or_path: str, kind: str | None = None, **init_kwargs) -> PreTrainedModel:
     """Load a causal LM, seq2seq LM or classifier from a Hub id or a local folder, its kind read from the config."""
     init_kwargs = resolve_init_kwargs(init_kwargs)
+    check_model_source(name_or_path)
     if kind is None:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=init_kwargs.get("trust_remote_code", False))
         kind = kind_of_config(config)
     return _AUTO_CLASSES[kind].from_pretrained(name_or_path, **init_kwargs)
+
+
+def looks_like_path(name: str) -> bool:
+    """A path rather than a Hub id: absolute, relative (./, ../, ~) or deeper than org/name."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+def check_model_source(name_or_path: str, setting: str | None = None, needs_config: bool = True) -> None:
+    """Raise `FileNotFoundError` for a model that cannot load here, before transformers fails on it less clearly:
+    a missing folder, a folder without config.json, or a Hub id absent from the local cache while the Hub is off."""
+    given = f"{setting}={name_or_path!r}" if setting else repr(name_or_path)
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        if needs_config and not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"{given} is a folder without config.json: give the folder save_pretrained wrote (config.json and weights)."
+            )
+        return
+    if looks_like_path(name_or_path) or os.path.exists(path):
+        raise FileNotFoundError(f"{given}: no such folder. Give a local model folder or a Hub id (org/name).")
+    cached = os.path.isdir(os.path.join(hf_constants.HF_HUB_CACHE, "models--" + name_or_path.replace("/", "--")))
+    if hf_constants.is_offline_mode() and not cached:
+        raise FileNotFoundError(
+            f"{given} is not a local folder, and the Hub is off (HF_HUB_OFFLINE=1) with no copy in the local cache: "
+            f"download it while online (hf download {name_or_path}) or give a local folder."
+        )
 
 
 def load_tokenizer_if_any(name_or_path: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from typing import Any
 
@@ -11,9 +12,12 @@ import torch.nn as nn
 from datasets import concatenate_datasets
 from peft import get_peft_model
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .cache import CACHE_COLUMNS, CacheSettings, load_cache
+from .checkpoints import DISTILL_STATE_NAME, resolve_resume
 from .config import DistillationConfig
 from .data import CachedTeacherCollator, check_train_dataset, default_collator
 from .loss import (
@@ -98,10 +102,11 @@ class DistillationTrainer(Trainer):
         teacher_model = teachers[0] if teachers else None
         self.layer_map = self._resolve_layer_map(model, teacher_model, args)
         if peft_config is not None:
-            model = get_peft_model(model, peft_config)
+            model = _peft_student(model, peft_config)
         self._attach_projections(model, teacher_model)
         data_collator = data_collator or default_collator(self.task_kind, processing_class)
-        check_train_dataset(train_dataset, self.task_kind)
+        check_train_dataset(train_dataset, self.task_kind, models=(model, *teachers))
+        check_train_dataset(eval_dataset, self.task_kind, "eval_dataset", models=(model, *teachers))
         self.cache_info = None
         if args.teacher_cache is not None:
             train_dataset, data_collator = self._attach_cache(args, train_dataset, data_collator, processing_class)
@@ -121,12 +126,11 @@ class DistillationTrainer(Trainer):
         self.loss_fn = DistillationLoss.from_config(args)
         self._use_chunks: dict[str, bool] = {}  # decided per model on the first batch
         self._metric_sums = {"train": None, "eval": None}
-        self.teacher_names = _unique_names(teachers) if teachers else []
+        self.teacher_names = _unique_names(teachers) if teachers else []  # short, for kd_loss/<name>
         if teachers:
-            self.teacher_name = ", ".join(self.teacher_names)
+            self.teacher_name = ", ".join(_name_or_path(teacher) for teacher in teachers)
         else:
             self.teacher_name = self.cache_info.get("teacher_name") or "cached teacher"
-
 
     # ---- setup --------------------------------------------------------------------------------------
 
@@ -175,9 +179,7 @@ class DistillationTrainer(Trainer):
             )
         s_config, t_config = unwrap_model(student).config.get_text_config(), unwrap_model(teacher).config.get_text_config()
         n_student, n_teacher = _num_layers(s_config, self.task_kind), _num_layers(t_config, self.task_kind)
-        layer_map = args.layer_map or default_layer_map(
-            n_student, n_teacher, getattr(unwrap_model(student).config, "distill_source_layers", None)
-        )
+        layer_map = args.layer_map or default_layer_map(n_student, n_teacher, _source_layers(student, teacher))
         if len(layer_map) != n_student or not all(0 <= i < n_teacher for i in layer_map):
             raise ValueError(
                 f"layer_map={layer_map} must give one teacher layer (0..{n_teacher - 1}) for each of the student's "
@@ -359,7 +361,9 @@ class DistillationTrainer(Trainer):
             and (isinstance(head, nn.Linear) or name == "teacher")
         )
         if works:
-            with torch.no_grad():
+            # A trial forward: its dropout must not use up the random numbers of step 1 (a resumed run skips it).
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 kwargs = model_inputs(model, inputs, self.task_kind)
                 out = self.accelerator.unwrap_model(model)(**kwargs, logits_to_keep=1, output_hidden_states=True)
                 with whole_heads([(model, head, False)]):
@@ -407,6 +411,67 @@ class DistillationTrainer(Trainer):
         current = self._metric_sums[mode]
         self._metric_sums[mode] = values if current is None else current + values
 
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        """`Trainer.train`, which never overwrites an earlier run and resumes only from a complete checkpoint.
+
+        Without `resume_from_checkpoint`, an `output_dir` holding checkpoints or a saved run is refused.
+        `resume_from_checkpoint=True` takes the newest checkpoint whose `trainer_state.json` (written last) is
+        whole, so a kill while a checkpoint was being saved falls back to the one before it.
+        """
+        checkpoint = resolve_resume(self.args.output_dir, resume_from_checkpoint)
+        self._resumed_loss = self._load_distill_state(checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def _save_checkpoint(self, model, trial):
+        """Save the running loss sums with the checkpoint, so logs after a resume equal an uninterrupted run's.
+
+        They are written before `Trainer` writes anything: its `trainer_state.json` comes last and marks the
+        checkpoint complete.
+        """
+        loss = self._tr_loss.detach().reshape(1)
+        if self.args.world_size > 1:  # each process sums its own loss; the logged value is their mean
+            loss = self.accelerator.gather(loss)
+        state = {
+            "metric_sums": {mode: None if s is None else s.tolist() for mode, s in self._metric_sums.items()},
+            "tr_loss": loss.mean().item(),
+            "last_logged_step": self._globalstep_last_logged,
+            # Decided on the first batch by a trial forward that draws dropout RNG; a resumed run reuses the decision.
+            "use_chunks": dict(self._use_chunks),
+        }
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            stale = os.path.join(folder, TRAINER_STATE_NAME)
+            if os.path.exists(stale):  # rewriting an older run's checkpoint: incomplete until the new state is written
+                os.remove(stale)
+            with open(os.path.join(folder, DISTILL_STATE_NAME), "w", encoding="utf-8") as handle:
+                json.dump(state, handle)
+        super()._save_checkpoint(model, trial)
+
+    def _load_distill_state(self, checkpoint: str | None) -> dict | None:
+        """Restore the kd/ce/hidden sums and chunking decisions saved with `checkpoint`; returns the state (its loss
+        sum is put back later)."""
+        file = None if checkpoint is None else os.path.join(checkpoint, DISTILL_STATE_NAME)
+        if file is None or not os.path.isfile(file):
+            return None  # a fresh run, or a checkpoint saved without the sums: the first log after it covers fewer steps
+        with open(file, encoding="utf-8") as handle:
+            state = json.load(handle)
+        for mode, values in state["metric_sums"].items():
+            self._metric_sums[mode] = None if values is None else torch.tensor(values, device=self.args.device)
+        self._use_chunks.update(state.get("use_chunks", {}))
+        return state
+
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        """On the first step after a resume, add back the loss summed since the last log before the checkpoint."""
+        state, self._resumed_loss = getattr(self, "_resumed_loss", None), None
+        if state is not None:
+            tr_loss += state["tr_loss"]
+            self._globalstep_last_logged = state["last_logged_step"]
+            self._total_loss_scalar -= state["tr_loss"]  # the final train_loss averages this call's steps only
+        return super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+
     # ---- evaluation and logging ---------------------------------------------------------------------
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -441,13 +506,15 @@ class DistillationTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the student; the hidden-state projections go into checkpoints but never into the exported model."""
         projections = getattr(self.model, PROJECTIONS, None)
-        if _internal_call or projections is None:
+        if _internal_call:
             return super().save_model(output_dir, _internal_call)
-        delattr(self.model, PROJECTIONS)
+        if projections is not None:
+            delattr(self.model, PROJECTIONS)
         try:
             super().save_model(output_dir, _internal_call)
         finally:
-            self.model.add_module(PROJECTIONS, projections)
+            if projections is not None:
+                self.model.add_module(PROJECTIONS, projections)
 
     def create_model_card(
         self,
@@ -497,6 +564,20 @@ def _num_layers(config, kind) -> int:
     return config.num_hidden_layers
 
 
+def _peft_student(model, peft_config):
+    """The student wrapped by PEFT; a config whose target_modules match nothing is refused with the names that exist."""
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as error:  # peft's NoMatchingPeftModuleError
+        if "not found in the base model" not in str(error):
+            raise
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
+        raise ValueError(
+            f"peft_config.target_modules={peft_config.target_modules!r} matches no module of {type(model).__name__}; "
+            f"target some of its linear layers: {linear}."
+        ) from None
+
+
 def _check_several_teachers(args, n_teachers: int) -> None:
     """What several teachers can't be combined with, refused before anything loads."""
     if args.hidden_loss_weight:
@@ -509,11 +590,26 @@ def _check_several_teachers(args, n_teachers: int) -> None:
     normalized_weights(args.teacher_weights, n_teachers)
 
 
+def _name_or_path(model) -> str:
+    inner = unwrap_model(model)
+    return getattr(inner.config, "_name_or_path", None) or type(inner).__name__
+
+
 def _unique_names(teachers) -> list[str]:
     """Short names for the teachers' log lines: the last part of each one's path or id, numbered if repeated."""
-    names = []
-    for teacher in teachers:
-        inner = unwrap_model(teacher)
-        name = os.path.basename(str(getattr(inner.config, "_name_or_path", "") or "").rstrip("/")) or type(inner).__name__
-        names.append(name)
+    names = [os.path.basename(_name_or_path(teacher).rstrip("/")) for teacher in teachers]
     return [f"{name}_{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def _source_layers(student, teacher) -> list[int] | None:
+    """The teacher layer each student layer was made from, when the student was cut or pruned from this teacher.
+
+    Configs record layers of the original model (`distill_source_layers`), so a student made from an assistant
+    that was itself made from the original (a teacher-assistant chain) is matched through those.
+    """
+    source = getattr(unwrap_model(student).config, "distill_source_layers", None)
+    teacher_source = getattr(unwrap_model(teacher).config, "distill_source_layers", None)
+    if source is None or teacher_source is None:
+        return source
+    position = {layer: i for i, layer in enumerate(teacher_source)}
+    return [position[layer] for layer in source] if all(layer in position for layer in source) else None
