@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from .loss import HIDDEN_LOSS_TYPES, LOSS_TYPES, MULTI_TEACHER, check_loss_settings, normalized_weights
 from .modeling import resolve_init_kwargs
+from .quantization import QUANTIZATION_SCHEMES, check_scheme
 
 
 @dataclass
@@ -158,6 +159,16 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    student_quantization: str = field(
+        default="none",
+        metadata={
+            "help": "Quantization-aware distillation: 'int8' or 'int4' trains the student with fake-quantized weights "
+            "(torchao QAT; linear layers, not the embeddings or head) against the full-precision teacher, and exports "
+            "it quantized (weight-only). 'none' trains in full precision.",
+            "choices": list(QUANTIZATION_SCHEMES),
+        },
+    )
+
     def __post_init__(self):
         # A YAML list or string here would otherwise fail deep inside a comparison or the optimizer.
         for name in ("alpha", "temperature", "beta", "skew", "hidden_loss_weight", "learning_rate"):
@@ -184,6 +195,7 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"chunk_size={self.chunk_size} must be a positive number of positions (or None for auto).")
         self.teacher_model_init_kwargs = parse_init_kwargs(self.teacher_model_init_kwargs)
         self._check_teachers()
+        check_scheme("student_quantization", self.student_quantization)
         super().__post_init__()
 
     def _check_teachers(self) -> None:

@@ -31,6 +31,7 @@ from .loss import (
     normalized_weights,
 )
 from .model_card import distillation_model_card
+from .quantization import prepare_qat, quantize_in_place
 from .sharding import head_is_shardable, prepare_teacher, whole_heads
 from .pruning import describe_student
 from .modeling import (
@@ -103,6 +104,13 @@ class DistillationTrainer(Trainer):
         self.layer_map = self._resolve_layer_map(model, teacher_model, args)
         if peft_config is not None:
             model = _peft_student(model, peft_config)
+        if args.student_quantization != "none":
+            if peft_config is not None:
+                raise ValueError(
+                    f"student_quantization={args.student_quantization!r} fake-quantizes the student's own weights, which "
+                    "a PEFT student keeps frozen: drop peft_config, or quantize after training (recipe field quantize)."
+                )
+            prepare_qat(model, args.student_quantization)  # before the projections, which stay in float
         self._attach_projections(model, teacher_model)
         data_collator = data_collator or default_collator(self.task_kind, processing_class)
         check_train_dataset(train_dataset, self.task_kind, models=(model, *teachers))
@@ -504,7 +512,11 @@ class DistillationTrainer(Trainer):
     # ---- export -------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save the student; the hidden-state projections go into checkpoints but never into the exported model."""
+        """Save the student; the hidden-state projections go into checkpoints but never into the exported model.
+
+        A student trained quantization-aware (`student_quantization`) is exported quantized, as it trained; its
+        checkpoints keep the float weights that training goes on from.
+        """
         projections = getattr(self.model, PROJECTIONS, None)
         if _internal_call:
             return super().save_model(output_dir, _internal_call)
@@ -515,6 +527,8 @@ class DistillationTrainer(Trainer):
         finally:
             if projections is not None:
                 self.model.add_module(PROJECTIONS, projections)
+        if self.args.student_quantization != "none" and self.args.should_save:
+            quantize_in_place(output_dir or self.args.output_dir, self.args.student_quantization)
 
     def create_model_card(
         self,
@@ -537,6 +551,8 @@ class DistillationTrainer(Trainer):
             "repo_id": getattr(self, "hub_model_id", None) or model_name,
             "license": license,
             "student_made_by": describe_student(student),
+            **({"quantization": f"{self.args.student_quantization} weight-only (torchao), trained quantization-aware "
+                "against the full-precision teacher"} if self.args.student_quantization != "none" else {}),
             **{key: getattr(self.args, key) for key in (
                 "loss_type", "temperature", "alpha", "beta", "skew", "hidden_loss_weight",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
