@@ -85,14 +85,15 @@ def remove_qat(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_quantized(model_dir: str, output_dir: str, scheme: str, model_class=None) -> str:
+def save_quantized(model_dir: str, output_dir: str, scheme: str, kind: str | None = None) -> str:
     """Quantize the model saved in `model_dir` with `scheme` and save it (and its tokenizer) to `output_dir`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+    from transformers import AutoTokenizer, TorchAoConfig
+
+    from .modeling import load_model
 
     if os.path.abspath(model_dir) == os.path.abspath(output_dir):
         raise ValueError(f"save_quantized would overwrite the float model in {model_dir}; give another output_dir.")
-    model_class = model_class or AutoModelForCausalLM
-    model = model_class.from_pretrained(model_dir, quantization_config=TorchAoConfig(weight_config(scheme)))
+    model = load_model(model_dir, kind=kind, quantization_config=TorchAoConfig(weight_config(scheme)))
     model.save_pretrained(output_dir)
     try:
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(output_dir)
@@ -101,10 +102,10 @@ def save_quantized(model_dir: str, output_dir: str, scheme: str, model_class=Non
     return output_dir
 
 
-def quantize_in_place(model_dir: str, scheme: str, model_class=None) -> str:
+def quantize_in_place(model_dir: str, scheme: str, kind: str | None = None) -> str:
     """Replace the float model saved in `model_dir` by its `scheme` quantization (written aside, then swapped in)."""
     staging = model_dir.rstrip("/\\") + f".{scheme}-partial"
-    save_quantized(model_dir, staging, scheme, model_class)
+    save_quantized(model_dir, staging, scheme, kind)
     for name in os.listdir(model_dir):
         if name.startswith("model") and name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
             os.remove(os.path.join(model_dir, name))

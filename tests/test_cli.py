@@ -1,11 +1,12 @@
 """The `hf-distill` command and recipes end to end on tiny local models: train, report, export, eval, demo."""
 
 import json
+import shutil
 
 import huggingface_hub
 import pytest
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_distill.config import DistillationConfig
 from hf_distill.runner import cli
@@ -378,3 +379,71 @@ def test_lm_from_teacher_recipe(tmp_path, deep_teacher_dir, capsys):
     assert "block influence" in (out / "README.md").read_text()
     student = AutoModelForCausalLM.from_pretrained(out)
     assert len(student.config.distill_source_layers) == 2
+
+
+# ---- chains, several teachers, quantization -----------------------------------------------------------------
+
+LM_RECIPE = str(REPO / "recipes" / "lm_from_teacher.yaml")
+LM_FAST = ["--dataset_name", DATA, "--max_length", "32", "--max_train_samples", "200", *FAST]
+
+
+def test_chain_recipe_reports_each_stage_reuses_finished_ones_and_quantizes(tmp_path, deep_teacher_dir, capsys):
+    """6 layers -> 4 -> 2: a row per stage, the last stage is the recipe's run, then an int8 export."""
+    out = tmp_path / "chain"
+    stages = json.dumps([{"student_num_layers": 4, "max_steps": 3}, {"student_num_layers": 2}])
+    command = ["train", LM_RECIPE, "--teacher_model_name_or_path", str(deep_teacher_dir), "--stages", stages,
+               "--quantize", "int8", "--output_dir", str(out), *LM_FAST]
+    assert main(command) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["model"]: row for row in report["rows"]}
+    assert list(rows) == ["teacher", "stage 1 (4 layers)", "distilled", "baseline (no teacher)", "distilled + int8"]
+    assert rows["distilled"]["layers"] == 2 and rows["distilled + int8"]["layers"] == 2
+    assert rows["distilled + int8"]["disk_mb"] < 0.7 * rows["distilled"]["disk_mb"]
+    stage = json.loads((out / "stage-1" / "stage.json").read_text())
+    assert stage["settings"] == {"student_num_layers": 4, "max_steps": 3}
+    assert stage["max_steps"] == 3 and stage["teachers"] == [str(deep_teacher_dir)]
+    # The final student was made from the stage-1 student: its layers map to the teacher's through it.
+    assert set(AutoModelForCausalLM.from_pretrained(out).config.distill_source_layers) <= set(
+        AutoModelForCausalLM.from_pretrained(out / "stage-1").config.distill_source_layers)
+    generator = pipeline("text-generation", model=str(out / "quantized-int8"))
+    assert generator("And God said", max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith("And God said")
+
+    # Killed after stage 1: a rerun reuses it (not retrained) and finishes the chain.
+    weights = out / "stage-1" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    for path in out.iterdir():
+        if path.name != "stage-1":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert main(command) == 0
+    assert weights.stat().st_mtime_ns == stamp and (out / "report.json").exists()
+
+    # A stage trained with other settings is refused, not reused.
+    for path in out.iterdir():
+        if path.name != "stage-1":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    capsys.readouterr()
+    other = json.dumps([{"student_num_layers": 3, "max_steps": 3}, {"student_num_layers": 2}])
+    assert main([*command[:5], other, *command[6:]]) == 2
+    one_line_error(capsys, "holds stage 1 of a chain trained with other settings")
+
+
+def test_recipe_with_two_teachers(tmp_path, deep_teacher_dir, capsys):
+    second = tmp_path / "second"
+    sharpen(small_llama(len(AutoTokenizer.from_pretrained(deep_teacher_dir)), hidden_size=32, num_layers=2, seed=9),
+            3.0).save_pretrained(second)
+    AutoTokenizer.from_pretrained(deep_teacher_dir).save_pretrained(second)
+    out = tmp_path / "two"
+    assert main(["train", LM_RECIPE, "--teacher_model_name_or_path", f"{deep_teacher_dir},{second}",
+                 "--teacher_weights", "2", "1", "--multi_teacher", "mean_loss", "--hidden_loss_weight", "0",
+                 "--student_num_layers", "2", "--output_dir", str(out), *LM_FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    names = [row["model"] for row in report["rows"]]
+    assert names[:2] == [f"teacher 1: {deep_teacher_dir}", f"teacher 2: {second}"]
+    logs = [log for log in report["histories"]["distilled"] if "kd_loss" in log]
+    assert any(key.startswith("kd_loss/") for key in logs[0]) and len([k for k in logs[0] if k.startswith("kd_loss/")]) == 2
+
+
+def test_recipe_refuses_quantize_with_quantization_aware_training(tmp_path, deep_teacher_dir, capsys):
+    assert main(["train", LM_RECIPE, "--teacher_model_name_or_path", str(deep_teacher_dir), "--quantize", "int8",
+                 "--student_quantization", "int8", "--output_dir", str(tmp_path / "q"), *LM_FAST]) == 2
+    one_line_error(capsys, "already exports it quantized")

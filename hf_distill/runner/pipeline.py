@@ -19,19 +19,21 @@ from ..data import default_collator
 from ..modeling import load_model
 from ..pruning import describe_student, prune_student
 from ..trainer import DistillationTrainer
-from .evaluation import evaluate_model
-from .recipe import RecipeArguments, build_student, builder_for, model_columns, prepare_splits
+from ..quantization import folder_bytes, save_quantized
+from .evaluation import evaluate_model, layer_count
+from .recipe import STAGE_RECIPE_FIELDS, RecipeArguments, build_student, builder_for, model_columns, prepare_splits
 from .report import comparison_table, write_report
 
 logger = logging.get_logger(__name__)
 
 # What a finished recipe run leaves in `output_dir` besides the student (README.md is the model card).
 RUN_FILES = ("report.md", "report.json", "training_curves.png", "samples.json", "README.md")
+STAGE_FILE = "stage.json"  # written when a stage of a teacher-assistant chain has finished
 
 
 def load_tokenizer(recipe: RecipeArguments, config: DistillationConfig):
     student = recipe.student_model_name_or_path if recipe.student_init == "pretrained" else None
-    name = recipe.tokenizer_name_or_path or student or config.teacher_model_name_or_path
+    name = recipe.tokenizer_name_or_path or student or _as_list(config.teacher_model_name_or_path)[0]
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -89,42 +91,68 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     """Distill (and, with `recipe.baseline`, train the alpha=0 baseline); evaluate; write report and model card.
 
     Returns the report rows. Outputs: the student in `config.output_dir` (with README.md model card,
-    report.md/json, training_curves.png), the baseline in `output_dir/_baseline` (left out of Hub uploads).
-    Folders that hold an earlier run are refused unless `config.resume_from_checkpoint` asks to resume (see
-    `resume_points`).
+    report.md/json, training_curves.png), the baseline in `output_dir/_baseline` (left out of Hub uploads),
+    with `recipe.quantize` the quantized student in `output_dir/quantized-<scheme>`, with `recipe.stages` the
+    chain's earlier students in `output_dir/stage-<i>`. Folders that hold an earlier run are refused unless
+    `config.resume_from_checkpoint` asks to resume (see `resume_points`).
     """
     if config.teacher_model_name_or_path is None and teacher is None:
         raise ValueError("The recipe names no teacher: set teacher_model_name_or_path (used for evaluation too).")
-    resume = resume_points(config, recipe.baseline)  # before anything loads: never overwrite an earlier run
+    if recipe.quantize != "none" and config.student_quantization != "none":
+        raise ValueError(
+            f"quantize={recipe.quantize!r} quantizes the trained student, but student_quantization="
+            f"{config.student_quantization!r} already exports it quantized: set one of them."
+        )
+    final_recipe, final_config = apply_stage(recipe, config, recipe.stages[-1]) if recipe.stages else (recipe, config)
+    # Before anything loads: never overwrite an earlier run, never reuse a stage trained otherwise.
+    resume = resume_points(final_config, recipe.baseline)
+    for i, stage in enumerate((recipe.stages or [])[:-1], 1):
+        finished_stage(i, stage, recipe, config)
     tokenizer = tokenizer or load_tokenizer(recipe, config)
-    if teacher is None:
-        teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))
+    teachers = load_teachers(recipe, config) if teacher is None else _as_list(teacher)
     splits, stats = prepare_splits(recipe, tokenizer, seed=config.seed)
-    student = build_student(recipe, teacher, calibration_batches(splits["train"], tokenizer, recipe))
-    initial_student = copy.deepcopy(student) if recipe.baseline else None
 
+    rows, samples = [], {}
+    for name, model in zip(_teacher_row_names(teachers), teachers):
+        row, samples[name] = evaluate_model(name, model, splits["test"], tokenizer, recipe)
+        rows.append(row)
+    reference = teachers[0]  # agreement and size are measured against the recipe's (first) teacher
+    for i, stage in enumerate((recipe.stages or [])[:-1], 1):  # a chain: each stage's student teaches the next
+        student = run_stage(i, stage, recipe, config, teachers, splits, tokenizer, callbacks)
+        name = f"stage {i} ({layer_count(student)} layers)"
+        row, samples[name] = evaluate_model(name, student, splits["test"], tokenizer, recipe, teacher=reference)
+        rows.append(row)
+        teachers = [student]
+    recipe, config = final_recipe, final_config
+
+    student = build_student(recipe, teachers[0], calibration_batches(splits["train"], tokenizer, recipe))
+    initial_student = copy.deepcopy(student) if recipe.baseline else None
     # Pushed once, at the end, with the model card and evaluation table (not at every save).
-    trainer = _train(student, teacher, dataclasses.replace(config, push_to_hub=False), splits, tokenizer, callbacks,
+    trainer = _train(student, teachers, dataclasses.replace(config, push_to_hub=False), splits, tokenizer, callbacks,
                      resume["distilled"])
-    runs = {"distilled": (trainer.model, trainer)}
+    runs = {"distilled": (trainer.model, trainer, config.output_dir)}
     if recipe.baseline:
         baseline_config = dataclasses.replace(
             config, alpha=0.0, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
             run_name=f"{config.run_name or 'run'}-baseline",
         )
-        baseline = _train(initial_student, teacher, baseline_config, splits, tokenizer, callbacks, resume["baseline"])
-        runs["baseline (no teacher)"] = (baseline.model, baseline)
+        baseline = _train(initial_student, teachers, baseline_config, splits, tokenizer, callbacks, resume["baseline"])
+        runs["baseline (no teacher)"] = (baseline.model, baseline, baseline_config.output_dir)
 
-    rows, samples = [], {}
-    row, samples["teacher"] = evaluate_model("teacher", teacher, splits["test"], tokenizer, recipe)
-    rows.append(row)
-    for name, (model, _) in runs.items():
-        row, samples[name] = evaluate_model(name, model, splits["test"], tokenizer, recipe, teacher=teacher)
-        rows.append(row)
+    for name, (model, _, folder) in runs.items():
+        row, samples[name] = evaluate_model(name, model, splits["test"], tokenizer, recipe, teacher=reference)
+        rows.append({**row, "disk_mb": folder_bytes(folder) / 1e6})
+    if recipe.quantize != "none":
+        folder = save_quantized(config.output_dir, os.path.join(config.output_dir, f"quantized-{recipe.quantize}"),
+                                recipe.quantize, kind=recipe.task)
+        name = f"distilled + {recipe.quantize}"
+        row, samples[name] = evaluate_model(name, load_model(folder, kind=recipe.task), splits["test"], tokenizer, recipe,
+                                            teacher=reference)
+        rows.append({**row, "disk_mb": folder_bytes(folder) / 1e6})
     for row in rows[1:]:
         row["size_vs_teacher"] = row["parameters"] / rows[0]["parameters"]
     table = comparison_table(rows)
-    histories = {name: run.state.log_history for name, (_, run) in runs.items()}
+    histories = {name: run.state.log_history for name, (_, run, _) in runs.items()}
     paths = write_report(
         rows, histories, config.output_dir, title=f"Distillation report: {recipe.task}", student=describe_student(student)
     )
@@ -138,6 +166,77 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
         trainer.push_to_hub(commit_message=f"hf-distill: {recipe.task} student distilled from {trainer.teacher_name}",
                             **card)
     return rows, table, paths
+
+
+def load_teachers(recipe: RecipeArguments, config: DistillationConfig) -> list:
+    """The recipe's teacher, or teachers when `teacher_model_name_or_path` is a list."""
+    kwargs = config.teacher_model_init_kwargs or {}
+    return [load_model(name, kind=recipe.task, **kwargs) for name in _as_list(config.teacher_model_name_or_path)]
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _teacher_row_names(teachers) -> list[str]:
+    if len(teachers) == 1:
+        return ["teacher"]
+    return [f"teacher {i + 1}: {getattr(t.config, '_name_or_path', '') or type(t).__name__}" for i, t in enumerate(teachers)]
+
+
+# ---- teacher-assistant chains ---------------------------------------------------------------------------------
+
+
+def apply_stage(recipe: RecipeArguments, config: DistillationConfig, stage: dict, output_dir: str | None = None):
+    """(recipe, config) with one stage's overrides: student-building fields on the recipe, the rest on the config."""
+    recipe_fields = {key: value for key, value in stage.items() if key in STAGE_RECIPE_FIELDS}
+    config_fields = {key: value for key, value in stage.items() if key not in STAGE_RECIPE_FIELDS}
+    if output_dir is not None:
+        config_fields["output_dir"] = output_dir
+    return dataclasses.replace(recipe, stages=None, **recipe_fields), dataclasses.replace(config, **config_fields)
+
+
+def stage_record(i: int, stage: dict, recipe: RecipeArguments, config: DistillationConfig) -> dict:
+    """What stage `i` of a chain is trained with: written in its folder when it finishes, compared before reuse."""
+    stage_config = apply_stage(recipe, config, stage)[1]
+    return {
+        "stage": i, "settings": stage, "data": recipe.dataset_name or recipe.data_files,
+        "teachers": _as_list(config.teacher_model_name_or_path) if i == 1 else [f"stage-{i - 1}"],
+        "max_steps": stage_config.max_steps, "num_train_epochs": stage_config.num_train_epochs, "seed": stage_config.seed,
+    }
+
+
+def finished_stage(i: int, stage: dict, recipe: RecipeArguments, config: DistillationConfig) -> bool:
+    """Whether stage `i` finished earlier with these settings; a folder holding it with other settings is refused."""
+    folder = os.path.join(config.output_dir, f"stage-{i}")
+    marker = os.path.join(folder, STAGE_FILE)
+    if not os.path.isfile(marker):
+        return False
+    with open(marker, encoding="utf-8") as handle:
+        done = json.load(handle)
+    if done != json.loads(json.dumps(stage_record(i, stage, recipe, config))):
+        raise ValueError(
+            f"{folder} holds stage {i} of a chain trained with other settings ({done['settings']}, teachers "
+            f"{done['teachers']}); move it away or choose another output_dir."
+        )
+    return True
+
+
+def run_stage(i: int, stage: dict, recipe, config, teachers, splits, tokenizer, callbacks=None):
+    """Train stage `i` of a chain into `output_dir/stage-<i>` and return its student, or reuse it if it finished."""
+    folder = os.path.join(config.output_dir, f"stage-{i}")
+    if finished_stage(i, stage, recipe, config):
+        logger.info(f"Stage {i} finished earlier: reusing the student in {folder}.")
+        return load_model(folder, kind=recipe.task)
+    stage_recipe, stage_config = apply_stage(recipe, config, stage, output_dir=folder)
+    wants_resume = str(config.resume_from_checkpoint).lower() in ("true", "last")
+    resume = resolve_resume(folder, True) if wants_resume and existing_run(folder) else None
+    student = build_student(stage_recipe, teachers[0], calibration_batches(splits["train"], tokenizer, stage_recipe))
+    trainer = _train(student, teachers, dataclasses.replace(stage_config, push_to_hub=False), splits, tokenizer,
+                     callbacks, resume)
+    with open(os.path.join(folder, STAGE_FILE), "w", encoding="utf-8") as handle:  # written last: the stage is finished
+        json.dump(stage_record(i, stage, recipe, config), handle, indent=2)
+    return trainer.model
 
 
 def evaluate_saved(recipe: RecipeArguments, models: dict[str, str], teacher_path: str | None, seed: int = 42):
@@ -163,6 +262,8 @@ def cache_recipe_teacher(recipe: RecipeArguments, config, cache_dir: str, top_k=
 
     `config` holds the teacher settings: a `DistillationConfig`, or the CLI's `TeacherArguments`.
     """
+    if len(_as_list(config.teacher_model_name_or_path)) > 1:
+        raise ValueError("A teacher cache holds one teacher's targets; cache-teacher takes one teacher_model_name_or_path.")
     tokenizer = load_tokenizer(recipe, config)
     teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))
     splits, _ = prepare_splits(recipe, tokenizer, seed=config.seed)

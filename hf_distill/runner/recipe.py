@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -10,6 +12,7 @@ from transformers.utils import logging
 
 from ..modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, load_model, student_from_teacher
 from ..pruning import prune_student
+from ..quantization import QUANTIZATION_SCHEMES, check_scheme
 from .tasks import MODEL_COLUMNS, tokenize_causal, tokenize_classification, tokenize_seq2seq, tokenize_text
 
 logger = logging.get_logger(__name__)
@@ -105,6 +108,16 @@ class RecipeArguments:
             Generation length for translation metrics.
         num_samples (`int`, defaults to `5`):
             Generated samples shown in the report.
+        quantize (`str`, defaults to `"none"`):
+            After training, also export the student quantized (`int8` / `int4`, weight-only, torchao) to
+            `output_dir/quantized-<scheme>` and add its row (bytes on disk, latency, metrics) to the report.
+        stages (`list[dict]`, *optional*):
+            A teacher-assistant chain: each stage distills the previous stage's student (the first stage's
+            teacher is the recipe's) into a smaller one, with its own overrides of the student-building fields
+            (student_num_layers, student_layers, student_intermediate_size) and of DistillationConfig fields
+            (max_steps, alpha, learning_rate, ...). The last stage is the recipe's run (report, baseline, export
+            in output_dir); earlier ones go to output_dir/stage-<i>, are evaluated in the report, and are reused
+            when a rerun finds them finished with the same settings.
     """
 
     task: str = field(
@@ -201,6 +214,17 @@ class RecipeArguments:
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length for translation metrics."})
     num_samples: int = field(default=5, metadata={"help": "Generated samples shown in the report."})
+    quantize: str = field(
+        default="none",
+        metadata={"help": "After training, also export the student quantized (int8 / int4 weight-only, torchao) to "
+                  "output_dir/quantized-<scheme> and report it.", "choices": list(QUANTIZATION_SCHEMES)},
+    )
+    stages: list[dict] | str | None = field(
+        default=None,
+        metadata={"help": "A teacher-assistant chain: a list of stages, each a mapping of overrides (student_num_layers, "
+                  "max_steps, alpha, ...), e.g. [{student_num_layers: 20}, {student_num_layers: 10}]. The last stage "
+                  "is the recipe's run; earlier ones train in output_dir/stage-<i> and are reused when finished."},
+    )
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -223,6 +247,37 @@ class RecipeArguments:
             raise ValueError(f"packing=True is plain-text language modeling, for task=causal (not {self.task!r}).")
         if self.dataset_name is None and self.data_files is None:
             raise ValueError("Give the data: dataset_name (Hub id, save_to_disk folder or file) or data_files.")
+        check_scheme("quantize", self.quantize)
+        self.stages = parse_stages(self.stages)
+
+
+# Fields a stage of a chain may set on the recipe (how its student is made); the rest go to DistillationConfig.
+STAGE_RECIPE_FIELDS = ("student_num_layers", "student_layers", "student_intermediate_size", "calibration_rows")
+
+
+def parse_stages(stages) -> list[dict] | None:
+    """`stages` as a list of mappings (a JSON string from a command line is parsed), each checked for known fields."""
+    if stages is None or stages == []:
+        return None
+    if isinstance(stages, str):
+        try:
+            stages = json.loads(stages)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"stages={stages!r} is not valid JSON ({error}); write it like '[{{\"student_num_layers\": 20}}, {{}}]'.") from None
+    if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+        raise ValueError(f"stages={stages!r} must be a list of mappings, like [{{student_num_layers: 20}}, {{student_num_layers: 10}}].")
+    from ..config import DistillationConfig  # the config module imports nothing of the runner
+
+    allowed = set(STAGE_RECIPE_FIELDS) | {spec.name for spec in dataclasses.fields(DistillationConfig)}
+    allowed -= {"output_dir", "teacher_model_name_or_path", "teacher_cache", "resume_from_checkpoint", "push_to_hub"}
+    for i, stage in enumerate(stages, 1):
+        unknown = sorted(set(stage) - allowed)
+        if unknown:
+            raise ValueError(
+                f"stage {i} of stages sets {unknown}, which a stage cannot set: give each stage student-building fields "
+                f"({', '.join(STAGE_RECIPE_FIELDS)}) or DistillationConfig fields such as max_steps and alpha."
+            )
+    return stages
 
 
 # ---- data ----------------------------------------------------------------------------------------
