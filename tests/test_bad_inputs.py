@@ -94,7 +94,7 @@ class User:
             student_model_name_or_path=self.folder("student", self.student()),
             dataset_name=str(self.root / "data" / "train.jsonl"), translation_column="translation",
             prompt_template="English: {source}\nSpanish:", max_length=48, held_out_size=4, max_train_samples=8,
-            max_new_tokens=2, baseline=False, output_dir=str(self.root / "out"), max_steps=1, use_cpu=True,
+            eval_max_new_tokens=2, baseline=False, output_dir=str(self.root / "out"), max_steps=1, use_cpu=True,
             per_device_train_batch_size=4, eval_strategy="no", report_to="none", save_strategy="no",
         )
         recipe.update(fields)

@@ -18,7 +18,7 @@ from test_trainer import tiny_classifier, tiny_t5
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 DATA = str(REPO / "recipes" / "data" / "bible_en_es.jsonl")
-FAST = ["--max_steps", "2", "--held_out_size", "8", "--max_new_tokens", "4", "--per_device_train_batch_size", "4",
+FAST = ["--max_steps", "2", "--held_out_size", "8", "--eval_max_new_tokens", "4", "--per_device_train_batch_size", "4",
         "--eval_strategy", "no", "--bf16", "false", "--use_cpu", "true", "--logging_steps", "1",
         "--gradient_accumulation_steps", "1", "--report_to", "none", "--dataloader_pin_memory", "false"]
 
@@ -213,7 +213,7 @@ def test_train_causal_translation_recipe(tmp_path, causal_dirs, capsys):
     capsys.readouterr()
     main(["eval", str(REPO / "recipes" / "translation_causal.yaml"), "--model", f"student={out}",
           "--model", f"baseline={out / '_baseline'}", "--teacher", str(causal_dirs / "teacher"),
-          "--dataset_name", DATA, "--held_out_size", "8", "--max_new_tokens", "4", "--max_length", "64",
+          "--dataset_name", DATA, "--held_out_size", "8", "--eval_max_new_tokens", "4", "--max_length", "64",
           "--output", str(tmp_path / "eval.json")])
     rows = json.loads((tmp_path / "eval.json").read_text())
     assert [row["model"] for row in rows] == ["student", "baseline"] and all("agreement" in row for row in rows)
@@ -228,7 +228,7 @@ def test_cache_teacher_then_train_from_cache(tmp_path, causal_dirs):
     assert (tmp_path / "cache" / "cache_info.json").exists()
     out = tmp_path / "run"
     assert main(["train", *common, "--teacher_cache", str(tmp_path / "cache"), "--output_dir", str(out), *FAST[:2],
-                 *FAST[6:], "--max_new_tokens", "4", "--per_device_train_batch_size", "4"]) == 0
+                 *FAST[6:], "--eval_max_new_tokens", "4", "--per_device_train_batch_size", "4"]) == 0
     history = json.loads((out / "report.json").read_text())["histories"]["distilled"]
     assert any("kd_loss" in log for log in history)
 

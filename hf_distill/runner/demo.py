@@ -63,7 +63,7 @@ def demo_recipe(data_file: str, sizes: DemoSizes) -> RecipeArguments:
         max_length=sizes.max_length,
         held_out_size=sizes.held_out,
         baseline=True,
-        max_new_tokens=sizes.max_new_tokens,
+        eval_max_new_tokens=sizes.max_new_tokens,
     )
 
 

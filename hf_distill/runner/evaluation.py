@@ -160,7 +160,7 @@ def evaluate_model(name, model, test, tokenizer, recipe, teacher=None) -> tuple[
         row["accuracy"] = compute_metric("accuracy", predictions, references)["accuracy"]
         row["macro_f1"] = compute_metric("f1", predictions, references, average="macro")["f1"]
     else:
-        hypotheses = generate(model, test, tokenizer, recipe.max_new_tokens, recipe.use_chat_template)
+        hypotheses = generate(model, test, tokenizer, recipe.eval_max_new_tokens, recipe.use_chat_template)
         references = list(test["response"] if recipe.task == CAUSAL else test["target"])
         references = [r.strip() for r in references]
         row["bleu"] = compute_metric("bleu", hypotheses, references)["bleu"]

@@ -104,8 +104,8 @@ class RecipeArguments:
             Rows whose response would keep fewer tokens after truncation are dropped (counted).
         baseline (`bool`, defaults to `False`):
             Also train the same student for the same steps without a teacher (alpha=0) and compare.
-        max_new_tokens (`int`, defaults to `64`):
-            Generation length for translation metrics.
+        eval_max_new_tokens (`int`, defaults to `64`):
+            Generation length for translation metrics (on-policy training has its own `max_new_tokens`).
         num_samples (`int`, defaults to `5`):
             Generated samples shown in the report.
         quantize (`str`, defaults to `"none"`):
@@ -212,7 +212,10 @@ class RecipeArguments:
         default=False,
         metadata={"help": "Also train the same student for the same steps without a teacher (alpha=0) and compare."},
     )
-    max_new_tokens: int = field(default=64, metadata={"help": "Generation length for translation metrics."})
+    eval_max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "Generation length for translation metrics (on-policy training has its own max_new_tokens)."},
+    )
     num_samples: int = field(default=5, metadata={"help": "Generated samples shown in the report."})
     quantize: str = field(
         default="none",
