@@ -169,9 +169,32 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy distillation (GKD, Agarwal et al.): the fraction of optimizer steps, in [0, 1], whose "
+            "batches are replaced by the student's own responses to the batch's prompts (the part of each row whose "
+            "labels are -100), sampled with `generate` and then distilled on the generated tokens. Decided per step by "
+            "an RNG seeded with `seed`, so runs repeat. Causal LMs with a live teacher; 0 (default) trains on the "
+            "dataset only, 1 on generated responses only (prompt-only datasets then suffice)."
+        },
+    )
+    max_new_tokens: int = field(
+        default=128,
+        metadata={"help": "On-policy steps (lmbda > 0): the most tokens the student generates per prompt."},
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "On-policy steps (lmbda > 0): the sampling temperature (> 0) of the student's responses, separate "
+            "from the loss's `temperature`. 1 samples the student's own distribution (no top-k / top-p)."
+        },
+    )
+
     def __post_init__(self):
         # A YAML list or string here would otherwise fail deep inside a comparison or the optimizer.
-        for name in ("alpha", "temperature", "beta", "skew", "hidden_loss_weight", "learning_rate"):
+        for name in ("alpha", "temperature", "beta", "skew", "hidden_loss_weight", "learning_rate", "lmbda",
+                     "generation_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 default = self.__dataclass_fields__[name].default
@@ -191,12 +214,30 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"hidden_loss_type={self.hidden_loss_type!r}; choose one of {', '.join(HIDDEN_LOSS_TYPES)}.")
         if isinstance(self.layer_map, str):  # from a command line: "0,3,6" or "[0, 3, 6]"
             self.layer_map = [int(i) for i in self.layer_map.strip("[] ").split(",") if i.strip()]
+        self._check_on_policy()
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size} must be a positive number of positions (or None for auto).")
         self.teacher_model_init_kwargs = parse_init_kwargs(self.teacher_model_init_kwargs)
         self._check_teachers()
         check_scheme("student_quantization", self.student_quantization)
         super().__post_init__()
+
+    def _check_on_policy(self) -> None:
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(
+                f"lmbda={self.lmbda!r} must lie in [0, 1]: the fraction of steps trained on the student's own "
+                "responses (0 = the dataset only, 1 = generated responses only)."
+            )
+        if not (math.isfinite(self.generation_temperature) and self.generation_temperature > 0):
+            raise ValueError(
+                f"generation_temperature={self.generation_temperature!r} must be a finite number > 0 (1.0 samples the "
+                "student's own distribution; small values approach greedy decoding)."
+            )
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens!r} must be a whole number >= 1 of tokens to generate per prompt, "
+                "for instance max_new_tokens=128."
+            )
 
     def _check_teachers(self) -> None:
         """Several teachers: a comma-separated command-line value becomes a list; weights and reduction are checked."""

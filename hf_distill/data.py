@@ -70,10 +70,11 @@ def rows_without_targets(labels_column, kind: str) -> int:
     return sum(1 for labels in labels_column if all(label == -100 for label in list(labels)[skip:]))
 
 
-def check_train_dataset(dataset, kind: str, name: str = "train_dataset", models=()) -> None:
+def check_train_dataset(dataset, kind: str, name: str = "train_dataset", models=(), prompts_suffice: bool = False) -> None:
     """Raise before training on a dataset that cannot train; warn about rows that add nothing.
 
     With `models` (student, teacher), also check that token ids, class ids and row lengths fit every model.
+    `prompts_suffice` (on-policy training with lmbda=1, whose targets are generated) accepts prompt-only rows.
     """
     if dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, dict):
         return
@@ -97,12 +98,13 @@ def check_train_dataset(dataset, kind: str, name: str = "train_dataset", models=
             f"{name} has columns {columns} but no 'labels': a seq2seq model needs target token ids; add them with "
             "tokenizer(text_target=targets)."
         )
-    if "labels" in columns and kind != CLASSIFICATION:
+    if "labels" in columns and kind != CLASSIFICATION and not prompts_suffice:
         empty = rows_without_targets(dataset["labels"], kind)
         if empty == len(dataset):
             raise ValueError(
                 f"None of the {len(dataset)} rows of {name} has a target token: every label is -100 (prompt-only rows, "
-                "or responses truncated away). Check the response column and max_length."
+                "or responses truncated away). Check the response column and max_length, or set lmbda=1 to train on the "
+                "student's own responses to these prompts (on-policy distillation)."
             )
         if empty:
             logger.warning(

@@ -31,6 +31,7 @@ from .loss import (
     normalized_weights,
 )
 from .model_card import distillation_model_card
+from .on_policy import generation_seed, is_on_policy_step, left_padded, prompts_of, responses_batch, sampling_config
 from .quantization import prepare_qat, quantize_in_place
 from .sharding import head_is_shardable, prepare_teacher, whole_heads
 from .pruning import describe_student
@@ -99,6 +100,7 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer needs a student model (a PreTrainedModel or a path).")
         model = load_model(model) if isinstance(model, str) else model
         self.task_kind = model_kind(model)
+        _check_on_policy(args, self.task_kind, processing_class)
         teachers = self._load_teachers(model, teacher_model, args, processing_class, teacher_processing_class)
         teacher_model = teachers[0] if teachers else None
         self.layer_map = self._resolve_layer_map(model, teacher_model, args)
@@ -113,7 +115,8 @@ class DistillationTrainer(Trainer):
             prepare_qat(model, args.student_quantization)  # before the projections, which stay in float
         self._attach_projections(model, teacher_model)
         data_collator = data_collator or default_collator(self.task_kind, processing_class)
-        check_train_dataset(train_dataset, self.task_kind, models=(model, *teachers))
+        # With lmbda=1 every step trains on generated responses, so prompts alone make a training set.
+        check_train_dataset(train_dataset, self.task_kind, models=(model, *teachers), prompts_suffice=args.lmbda == 1)
         check_train_dataset(eval_dataset, self.task_kind, "eval_dataset", models=(model, *teachers))
         self.cache_info = None
         if args.teacher_cache is not None:
@@ -134,6 +137,8 @@ class DistillationTrainer(Trainer):
         self.loss_fn = DistillationLoss.from_config(args)
         self._use_chunks: dict[str, bool] = {}  # decided per model on the first batch
         self._metric_sums = {"train": None, "eval": None}
+        self._on_policy_steps = [0, 0]  # (on-policy, all) optimizer steps since the last log
+        self._generation_config = None  # built on the first on-policy step
         self.teacher_names = _unique_names(teachers) if teachers else []  # short, for kd_loss/<name>
         if teachers:
             self.teacher_name = ", ".join(_name_or_path(teacher) for teacher in teachers)
@@ -237,6 +242,8 @@ class DistillationTrainer(Trainer):
 
         The counts, summed over processes when `average_tokens_across_devices`, reach `compute_loss` as
         `num_items_in_batch`, so one step of batch 8 equals 4 × gradient accumulation 2 on ragged data.
+        On an on-policy step (`lmbda`) each micro-batch is first replaced by its prompts and the student's
+        responses, so the counts cover the generated targets and `compute_loss` sees an ordinary batch.
         """
         batch_samples = []
         for _ in range(num_batches):
@@ -244,12 +251,44 @@ class DistillationTrainer(Trainer):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
+        if batch_samples and self.args.lmbda > 0:
+            # One decision for the whole step, so its micro-batches (and processes) are all on- or off-policy.
+            on_policy = is_on_policy_step(self.args.lmbda, self.args.seed, self.state.global_step)
+            self._on_policy_steps[0] += on_policy
+            self._on_policy_steps[1] += 1
+            if on_policy:
+                batch_samples = [self._generated_batch(batch, i) for i, batch in enumerate(batch_samples)]
         if not batch_samples or "labels" not in batch_samples[0]:
             return batch_samples, None
         counts = sum(torch.stack([m.sum() for m in self._target_positions(b)[1:]]) for b in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = self.accelerator.gather(counts[None]).sum(0)
         return batch_samples, counts
+
+    def _generated_batch(self, batch: dict[str, Any], micro_batch: int) -> dict[str, torch.Tensor]:
+        """The batch's prompts followed by the student's sampled responses (labels on the responses only)."""
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        student = self.accelerator.unwrap_model(self.model)  # drops DDP; a PEFT model generates with its adapters
+        if self._generation_config is None:
+            self._generation_config = sampling_config(
+                unwrap_model(student), tokenizer, self.args.max_new_tokens, self.args.generation_temperature
+            )
+        config = self._generation_config
+        prompts = prompts_of(batch)
+        inputs = left_padded(prompts, config.pad_token_id, self.args.device)
+        seed = generation_seed(self.args.seed, self.state.global_step, micro_batch, self.args.process_index)
+        # Sampling draws from its own seeded RNG: the training RNG (dropout) stays as it was, and resuming repeats it.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        was_training = student.training
+        student.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                output = student.generate(**inputs, generation_config=config)
+        finally:
+            student.train(was_training)
+        generated = output[:, inputs["input_ids"].shape[1] :]
+        return responses_batch(prompts, generated, config.eos_token_id, config.pad_token_id)
 
     # ---- the loss -----------------------------------------------------------------------------------
 
@@ -325,8 +364,9 @@ class DistillationTrainer(Trainer):
         if student.head is not None:
             heads.append((model, student.head, model.training and torch.is_grad_enabled()))
         if teacher is not None:
-            members = getattr(teacher.distribution, "members", [teacher.distribution])
-            heads += [(model, member.head, False) for model, member in zip(self.teachers, members) if isinstance(member, TeacherHidden)]
+            members = getattr(teacher.distribution, "members", [teacher.distribution])  # several teachers, or one
+            heads += [(owner, member.head, False) for owner, member in zip(self.teachers, members)
+                      if isinstance(member, TeacherHidden)]
         return whole_heads(heads)
 
     def _forward(self, model, inputs, chunked: bool, own_decoder_inputs: bool = False):
@@ -447,6 +487,7 @@ class DistillationTrainer(Trainer):
             "last_logged_step": self._globalstep_last_logged,
             # Decided on the first batch by a trial forward that draws dropout RNG; a resumed run reuses the decision.
             "use_chunks": dict(self._use_chunks),
+            "on_policy_steps": list(self._on_policy_steps),
         }
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -469,6 +510,7 @@ class DistillationTrainer(Trainer):
         for mode, values in state["metric_sums"].items():
             self._metric_sums[mode] = None if values is None else torch.tensor(values, device=self.args.device)
         self._use_chunks.update(state.get("use_chunks", {}))
+        self._on_policy_steps = list(state.get("on_policy_steps", [0, 0]))
         return state
 
     def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
@@ -507,6 +549,9 @@ class DistillationTrainer(Trainer):
             if n_ce > 0:
                 logs[f"{prefix}ce_loss"] = round(ce_sum / n_ce, 6)
             self._metric_sums[mode] = None
+        if mode == "train" and self._on_policy_steps[1]:
+            logs["on_policy_fraction"] = round(self._on_policy_steps[0] / self._on_policy_steps[1], 4)
+            self._on_policy_steps = [0, 0]
         super().log(logs, start_time)
 
     # ---- export -------------------------------------------------------------------------------------
@@ -571,6 +616,38 @@ def _check_args(args) -> DistillationConfig:
             "subclass with the distillation settings): DistillationConfig(output_dir=..., alpha=..., ...)."
         )
     return args
+
+
+def _check_on_policy(args: DistillationConfig, kind, processing_class) -> None:
+    """What on-policy distillation (lmbda > 0) needs, refused before anything loads."""
+    if args.lmbda == 0:
+        return
+    if kind != CAUSAL:
+        raise ValueError(
+            f"lmbda={args.lmbda} trains on the student's generated responses, which works with causal LMs; this "
+            f"student is a {kind} model. Set lmbda=0."
+        )
+    if args.teacher_cache is not None:
+        raise ValueError(
+            f"lmbda={args.lmbda} needs the teacher live, to score the responses the student generates; teacher_cache "
+            f"only holds targets for the dataset's own tokens. Drop teacher_cache, or set lmbda=0."
+        )
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer is None:
+        raise ValueError(
+            f"lmbda={args.lmbda} needs the student's tokenizer to pad the prompts and responses it generates: pass "
+            "processing_class=tokenizer."
+        )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"lmbda={args.lmbda}: the tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token to pad "
+            "generated responses with; set tokenizer.pad_token."
+        )
+    if args.alpha < 1:
+        logger.warning(
+            f"lmbda={args.lmbda} with alpha={args.alpha}: on on-policy steps the CE term trains the student toward its "
+            "own samples; GKD distills them with alpha=1."
+        )
 
 
 def _num_layers(config, kind) -> int:

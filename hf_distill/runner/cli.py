@@ -149,6 +149,8 @@ def parse_recipe(config_path: str | None, overrides: list[str], dataclass_types=
         name = flag.lstrip("-").replace("-", "_")
         if name in _field_names(RecipeArguments, DistillationConfig) - accepted:
             message = f"hf-distill {command} does not use {flag}"
+            if name == "max_new_tokens":  # the training (on-policy) setting; metrics have their own
+                message += " (the generation length of the metrics is --eval_max_new_tokens)"
         else:
             match = difflib.get_close_matches(name, sorted(accepted), n=1)
             message = f"unknown option {flag}" + (f" (did you mean --{match[0]}?)" if match else "")

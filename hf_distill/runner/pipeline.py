@@ -133,7 +133,8 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     runs = {"distilled": (trainer.model, trainer, config.output_dir)}
     if recipe.baseline:
         baseline_config = dataclasses.replace(
-            config, alpha=0.0, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
+            # No teacher, so nothing to score the student's own samples either: the baseline trains on the data only.
+            config, alpha=0.0, lmbda=0.0, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
             run_name=f"{config.run_name or 'run'}-baseline",
         )
         baseline = _train(initial_student, teachers, baseline_config, splits, tokenizer, callbacks, resume["baseline"])

@@ -1,0 +1,104 @@
+"""On-policy distillation (GKD): a batch's prompts, answered by the student, become the batch it trains on."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+
+def is_on_policy_step(lmbda: float, seed: int, step: int) -> bool:
+    """Whether optimizer step `step` trains on generated responses.
+
+    A draw seeded by (seed, step) alone: every process and every micro-batch of the step agree, and a resumed
+    run makes the decisions the uninterrupted one made.
+    """
+    if lmbda <= 0.0:
+        return False
+    if lmbda >= 1.0:
+        return True
+    return random.Random(f"on-policy:{seed}:{step}").random() < lmbda
+
+
+def generation_seed(seed: int, step: int, micro_batch: int, process: int) -> int:
+    """The torch seed of one micro-batch's sampling: reproducible, and different across steps and processes."""
+    return random.Random(f"generation:{seed}:{step}:{micro_batch}:{process}").getrandbits(63)
+
+
+def sampling_config(model, tokenizer, max_new_tokens: int, temperature: float) -> GenerationConfig:
+    """Plain sampling from the student's distribution at `temperature`, stopping at any of its EOS tokens.
+
+    Set explicitly rather than inherited: `generate` fills unset fields from the checkpoint's own generation
+    config, whose chat defaults (top-k, top-p, repetition penalty) would sample another distribution.
+    """
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+        use_cache=True,
+    )
+
+
+def prompts_of(batch: dict[str, Any]) -> list[list[int]]:
+    """Each row's prompt: its real (attention-masked) tokens before its first target label.
+
+    A prompt-only row (every label -100) is its prompt whole; a row trained from its first token (no -100
+    prefix, or no labels) keeps that first token as the prompt, since generation needs one to start from.
+    """
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    labels = batch.get("labels")
+    prompts = []
+    for i in range(input_ids.shape[0]):
+        ids = input_ids[i][mask[i]].tolist()
+        targets = [True] * len(ids) if labels is None else (labels[i][mask[i]] != -100).tolist()
+        end = targets.index(True) if True in targets else len(ids)
+        prompts.append(ids[: max(end, 1)])
+    return prompts
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Prompts padded on the left, so every row's generation starts at the same column."""
+    length = max(len(p) for p in prompts)
+    input_ids = [[pad_id] * (length - len(p)) + p for p in prompts]
+    attention_mask = [[0] * (length - len(p)) + [1] * len(p) for p in prompts]
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long, device=device),
+        "attention_mask": torch.tensor(attention_mask, dtype=torch.long, device=device),
+    }
+
+
+def responses_batch(prompts: list[list[int]], generated: torch.Tensor, eos_ids, pad_id: int) -> dict[str, torch.Tensor]:
+    """A right-padded training batch: each prompt followed by its generated tokens up to and including the first EOS.
+
+    Labels are -100 on the prompt and the padding, and the generated tokens elsewhere; what `generate` wrote after
+    a row's EOS (padding, while other rows went on) is dropped.
+    """
+    eos_ids = set(eos_ids or [])
+    rows = []
+    for prompt, tokens in zip(prompts, generated.tolist()):
+        stop = next((k + 1 for k, token in enumerate(tokens) if token in eos_ids), len(tokens))
+        rows.append((prompt, tokens[:stop]))
+    length = max(len(p) + len(r) for p, r in rows)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for prompt, response in rows:
+        pad = length - len(prompt) - len(response)
+        batch["input_ids"].append(prompt + response + [pad_id] * pad)
+        batch["attention_mask"].append([1] * (len(prompt) + len(response)) + [0] * pad)
+        batch["labels"].append([-100] * len(prompt) + response + [-100] * pad)
+    return {key: torch.tensor(value, dtype=torch.long, device=generated.device) for key, value in batch.items()}
