@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaModel, TrainingArguments
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cache import build_cache
+from hf_distill.data import CausalLMCollator
 from hf_distill.runner.cli import UsageError, main
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
 
@@ -224,6 +225,14 @@ ROWS = [
     Row("layer-map-out-of-range", "`layer_map=[7]` for a 2-layer teacher",
         setting(hidden_loss_weight=1.0, layer_map=[7]), ValueError, r"layer_map=\[7\]",
         r"one teacher layer \(0\.\.1\) for each of the student's 1 layers", "one teacher layer index per student layer"),
+    Row("lmbda-above-one", "`lmbda=1.5`", setting(lmbda=1.5), ValueError, r"lmbda=1\.5", r"must lie in \[0, 1\]",
+        "`lmbda` in [0, 1]"),
+    Row("generation-temperature-zero", "`generation_temperature=0`", setting(generation_temperature=0.0), ValueError,
+        r"generation_temperature=0\.0", r"finite number > 0", "`generation_temperature` > 0"),
+    Row("max-new-tokens-zero", "`max_new_tokens=0`", setting(max_new_tokens=0), ValueError, r"max_new_tokens=0",
+        r"whole number >= 1", "`max_new_tokens` >= 1"),
+    Row("on-policy-with-cache", "`lmbda=0.5` with a `teacher_cache`", setting(lmbda=0.5, teacher_cache="cache"),
+        ValueError, r"lmbda=0\.5 needs the teacher live", r"Drop teacher_cache", "a live teacher, or `lmbda=0`"),
     # the trainer's arguments: models and tokenizers
     Row("args-training-arguments", "`args=TrainingArguments(...)`",
         trainer(args=lambda user: TrainingArguments(output_dir=str(user.root / "out"), use_cpu=True)), TypeError,
@@ -257,6 +266,17 @@ ROWS = [
         r"set pad_token", "set `tokenizer.pad_token`"),
     Row("no-tokenizer", "no `processing_class` and no `data_collator`", trainer(processing_class=None), ValueError,
         r"needs a processing_class", r"or a data_collator", "pass the student's tokenizer"),
+    Row("on-policy-no-tokenizer", "`lmbda=0.5`, a `data_collator` and no `processing_class`",
+        trainer(processing_class=None, data_collator=lambda user: CausalLMCollator(0),
+                args=lambda user: user.config(lmbda=0.5)),
+        ValueError, r"lmbda=0\.5 needs the student's tokenizer", r"processing_class=tokenizer",
+        "pass the student's tokenizer"),
+    Row("on-policy-seq2seq", "`lmbda=0.5` with a seq2seq student",
+        trainer(model=lambda user: tiny_t5(len(user.tokenizer), 32, 1, seed=1),
+                teacher_model=lambda user: tiny_t5(len(user.tokenizer), 32, 1, seed=0),
+                args=lambda user: user.config(lmbda=0.5)),
+        ValueError, r"lmbda=0\.5 trains on the student's generated responses.*seq2seq model", r"Set lmbda=0",
+        "a causal student, or `lmbda=0`"),
     Row("peft-targets-nothing", "`LoraConfig(target_modules=['nope'])`",
         trainer(peft_config=LoraConfig(r=4, target_modules=["nope"])), ValueError,
         r"target_modules=\{'nope'\} matches no module of LlamaForCausalLM", r"'q_proj'",
@@ -282,8 +302,8 @@ ROWS = [
         r"Tokenize it first", "tokenize it (`dataset.map(...)`)"),
     Row("dataset-prompt-only", "every label -100",
         trainer(train_dataset=rows_of(input_ids=[[5, 6, 7], [8, 9]], labels=[[-100] * 3, [-100] * 2])), ValueError,
-        r"None of the 2 rows of train_dataset has a target token", r"Check the response column and max_length",
-        "check the response column and `max_length`"),
+        r"None of the 2 rows of train_dataset has a target token", r"Check the response column and max_length, or set lmbda=1",
+        "check the response column and `max_length`, or `lmbda=1` (on-policy)"),
     Row("seq2seq-without-labels", "seq2seq rows without `labels`",
         trainer(model=lambda user: tiny_t5(len(user.tokenizer), 32, 1, seed=1),
                 teacher_model=lambda user: tiny_t5(len(user.tokenizer), 32, 1, seed=0),
