@@ -279,3 +279,21 @@ def test_refused_combinations(tmp_path, causal_pair, causal_dataset, tokenizer):
     with pytest.raises(ValueError, match=r"lmbda=0\.5 needs the student's tokenizer.*processing_class=tokenizer"):
         DistillationTrainer(model=student, teacher_model=teacher, args=config(tmp_path, lmbda=0.5),
                             train_dataset=causal_dataset, data_collator=lambda rows: rows)
+
+
+def test_resume_equals_the_uninterrupted_run(tmp_path, causal_pair, tokenizer):
+    """Decisions and samples depend on (seed, step) only: a resumed run repeats the uninterrupted one's."""
+    from test_resume import assert_same_logs, logs_after, other_student, run, with_dropout
+
+    teacher, student = causal_pair
+    dataset = prompt_response_dataset(tokenizer, n=12)
+    settings = dict(lmbda=0.5, max_new_tokens=6, alpha=1.0)
+    assert [is_on_policy_step(0.5, 0, step) for step in range(7)] == [False, False, True, True, True, True, True]
+    reference = run(tmp_path, "uninterrupted", teacher, with_dropout(student), dataset, tokenizer, **settings)
+    checkpoint = str(tmp_path / "uninterrupted" / "checkpoint-4")
+    resumed = run(tmp_path, "resumed", teacher, other_student(tokenizer), dataset, tokenizer, resume=checkpoint, **settings)
+    assert_same_logs(logs_after(resumed, 4), logs_after(reference, 4))
+    fractions = [[log["on_policy_fraction"] for log in trainer.state.log_history if log["step"] > 4 and "loss" in log]
+                 for trainer in (reference, resumed)]
+    assert fractions[0] == fractions[1] == [1.0]
+    torch.testing.assert_close(weights(resumed.model), weights(reference.model), rtol=1e-5, atol=1e-6)
