@@ -598,6 +598,9 @@ class DistillationTrainer(Trainer):
             "student_made_by": describe_student(student),
             **({"quantization": f"{self.args.student_quantization} weight-only (torchao), trained quantization-aware "
                 "against the full-precision teacher"} if self.args.student_quantization != "none" else {}),
+            **({"on_policy": f"lmbda={self.args.lmbda}: that fraction of steps trained on the student's own sampled "
+                f"responses (max_new_tokens={self.args.max_new_tokens}, generation_temperature="
+                f"{self.args.generation_temperature})"} if self.args.lmbda > 0 else {}),
             **{key: getattr(self.args, key) for key in (
                 "loss_type", "temperature", "alpha", "beta", "skew", "hidden_loss_weight",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",

@@ -118,6 +118,9 @@ def test_lmbda_one_trains_on_generated_tokens(tmp_path, causal_pair, tokenizer):
     assert student.training and student.generation_config.to_dict() == config_before
     logs = [log for log in trainer.state.log_history if "on_policy_fraction" in log]
     assert [log["on_policy_fraction"] for log in logs] == [1.0, 1.0] and all("kd_loss" in log for log in logs)
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert "**On policy:** lmbda=1.0" in card and "generation_temperature=0.7" in card
 
 
 def test_lmbda_zero_is_todays_run(tmp_path, causal_pair, causal_dataset, tokenizer):
