@@ -276,6 +276,17 @@ class DistillationTrainer(Trainer):
         config = self._generation_config
         prompts = prompts_of(batch)
         inputs = left_padded(prompts, config.pad_token_id, self.args.device)
+        # Prompt + response must fit every model's positions (learned position embeddings fail beyond them).
+        width = inputs["input_ids"].shape[1]
+        limits = [getattr(unwrap_model(m).config.get_text_config(), "max_position_embeddings", None)
+                  for m in (student, *self.teachers)]
+        limit = min((n for n in limits if isinstance(n, int)), default=width + config.max_new_tokens)
+        room = limit - width
+        if room < 1:
+            raise ValueError(
+                f"On-policy step {self.state.global_step}: a prompt of {width} tokens leaves no room to generate within "
+                f"{limit} positions (max_position_embeddings of the student or teacher); truncate the prompts shorter."
+            )
         seed = generation_seed(self.args.seed, self.state.global_step, micro_batch, self.args.process_index)
         # Sampling draws from its own seeded RNG: the training RNG (dropout) stays as it was, and resuming repeats it.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -284,7 +295,7 @@ class DistillationTrainer(Trainer):
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                output = student.generate(**inputs, generation_config=config)
+                output = student.generate(**inputs, generation_config=config, max_new_tokens=min(config.max_new_tokens, room))
         finally:
             student.train(was_training)
         generated = output[:, inputs["input_ids"].shape[1] :]

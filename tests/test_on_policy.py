@@ -300,3 +300,17 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, causal_pair, tokenizer):
                  for trainer in (reference, resumed)]
     assert fractions[0] == fractions[1] == [1.0]
     torch.testing.assert_close(weights(resumed.model), weights(reference.model), rtol=1e-5, atol=1e-6)
+
+
+def test_responses_fit_the_models_positions(tmp_path, tokenizer):
+    """Generation stops where prompt + response would outgrow max_position_embeddings."""
+    from hf_distill.runner.scratch import small_llama
+
+    teacher = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=0, max_position_embeddings=16)
+    student = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1, max_position_embeddings=64)
+    prompts = [list(range(5, 15)), [5, 6, 7, 8]]
+    dataset = Dataset.from_dict({"input_ids": prompts, "labels": [[-100] * len(p) for p in prompts]})
+    trainer = make_trainer(tmp_path, teacher, student, dataset, tokenizer, lmbda=1.0, max_new_tokens=20, max_steps=1)
+    batches = record_batches(trainer)
+    trainer.train()
+    assert batches[0][0]["input_ids"].shape[1] <= 16
