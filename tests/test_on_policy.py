@@ -314,3 +314,17 @@ def test_responses_fit_the_models_positions(tmp_path, tokenizer):
     batches = record_batches(trainer)
     trainer.train()
     assert batches[0][0]["input_ids"].shape[1] <= 16
+
+
+def test_command_line_names():
+    """On a command line, max_new_tokens is the on-policy length; the metrics' length is eval_max_new_tokens."""
+    from conftest import REPO
+    from hf_distill.runner.cli import UsageError, parse_recipe
+
+    recipe = str(REPO / "recipes" / "translation_causal.yaml")
+    args, config = parse_recipe(recipe, ["--use_cpu", "true", "--lmbda", "0.5", "--max_new_tokens", "32",
+                                         "--generation_temperature", "0.8"])
+    assert (config.lmbda, config.max_new_tokens, config.generation_temperature) == (0.5, 32, 0.8)
+    assert args.eval_max_new_tokens == 128  # from the recipe
+    with pytest.raises(UsageError, match=r"does not use --max_new_tokens \(.*--eval_max_new_tokens\)"):
+        parse_recipe(recipe, ["--max_new_tokens", "4"], command="eval")
