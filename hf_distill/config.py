@@ -181,7 +181,7 @@ class DistillationConfig(TrainingArguments):
     )
     max_new_tokens: int = field(
         default=128,
-        metadata={"help": "On-policy steps (lmbda > 0): the most tokens the student generates per prompt."},
+        metadata={"help": "On-policy steps (lmbda > 0) and seq_kd: the most tokens the student (or teacher) generates per prompt."},
     )
     generation_temperature: float = field(
         default=1.0,
@@ -189,6 +189,19 @@ class DistillationConfig(TrainingArguments):
             "help": "On-policy steps (lmbda > 0): the sampling temperature (> 0) of the student's responses, separate "
             "from the loss's `temperature`. 1 samples the student's own distribution (no top-k / top-p)."
         },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence-level distillation (Kim & Rush): the teacher answers each batch's prompts (greedy, up to "
+            "max_new_tokens) and the student trains on those responses instead of the dataset's: CE on the teacher's "
+            "tokens plus the KD term. With lmbda > 0, on-policy steps use the student's responses and the others the "
+            "teacher's (as TRL's GKD seq_kd). Causal LMs with a live teacher; prompt-only datasets then suffice."
+        },
+    )
+    seq_kd_sampling: bool = field(
+        default=False,
+        metadata={"help": "seq_kd: sample the teacher's responses at generation_temperature instead of greedy decoding."},
     )
 
     def __post_init__(self):

@@ -104,7 +104,8 @@ def check_train_dataset(dataset, kind: str, name: str = "train_dataset", models=
             raise ValueError(
                 f"None of the {len(dataset)} rows of {name} has a target token: every label is -100 (prompt-only rows, "
                 "or responses truncated away). Check the response column and max_length, or set lmbda=1 to train on the "
-                "student's own responses to these prompts (on-policy distillation)."
+                "student's own responses to these prompts (on-policy distillation), or seq_kd=True to train on the "
+                "teacher's."
             )
         if empty:
             logger.warning(

@@ -1,4 +1,5 @@
-"""On-policy distillation (GKD): a batch's prompts, answered by the student, become the batch it trains on."""
+"""On-policy distillation (GKD) and sequence-level KD: a batch's prompts, answered by the student (or by the
+teacher, `seq_kd`), become the batch it trains on."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def generation_seed(seed: int, step: int, micro_batch: int, process: int) -> int
     return random.Random(f"generation:{seed}:{step}:{micro_batch}:{process}").getrandbits(63)
 
 
-def sampling_config(model, tokenizer, max_new_tokens: int, temperature: float) -> GenerationConfig:
-    """Plain sampling from the student's distribution at `temperature`, stopping at any of its EOS tokens.
+def sampling_config(model, tokenizer, max_new_tokens: int, temperature: float, do_sample: bool = True) -> GenerationConfig:
+    """Plain sampling from the model's distribution at `temperature` (greedy with `do_sample=False`), stopping at
+    any of its EOS tokens.
 
     Set explicitly rather than inherited: `generate` fills unset fields from the checkpoint's own generation
     config, whose chat defaults (top-k, top-p, repetition penalty) would sample another distribution.
@@ -38,12 +40,11 @@ def sampling_config(model, tokenizer, max_new_tokens: int, temperature: float) -
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, typical_p=1.0) if do_sample else (
+        dict(do_sample=False, num_beams=1)
+    )
     return GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        typical_p=1.0,
+        **sampling,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
         max_new_tokens=max_new_tokens,

@@ -115,8 +115,14 @@ class DistillationTrainer(Trainer):
             prepare_qat(model, args.student_quantization)  # before the projections, which stay in float
         self._attach_projections(model, teacher_model)
         data_collator = data_collator or default_collator(self.task_kind, processing_class)
-        # With lmbda=1 every step trains on generated responses, so prompts alone make a training set.
-        check_train_dataset(train_dataset, self.task_kind, models=(model, *teachers), prompts_suffice=args.lmbda == 1)
+        if args.seq_kd and len(teachers) > 1:
+            raise ValueError(
+                f"seq_kd=True trains on one teacher's responses, but {len(teachers)} teachers are given: distill from one "
+                "teacher, or set seq_kd=False."
+            )
+        # With lmbda=1 or seq_kd every step trains on generated responses, so prompts alone make a training set.
+        prompts_suffice = args.lmbda == 1 or args.seq_kd
+        check_train_dataset(train_dataset, self.task_kind, models=(model, *teachers), prompts_suffice=prompts_suffice)
         check_train_dataset(eval_dataset, self.task_kind, "eval_dataset", models=(model, *teachers))
         self.cache_info = None
         if args.teacher_cache is not None:
@@ -138,7 +144,7 @@ class DistillationTrainer(Trainer):
         self._use_chunks: dict[str, bool] = {}  # decided per model on the first batch
         self._metric_sums = {"train": None, "eval": None}
         self._on_policy_steps = [0, 0]  # (on-policy, all) optimizer steps since the last log
-        self._generation_config = None  # built on the first on-policy step
+        self._generation_configs = {}  # the student's (on-policy) and the teacher's (seq_kd), built on first use
         self.teacher_names = _unique_names(teachers) if teachers else []  # short, for kd_loss/<name>
         if teachers:
             self.teacher_name = ", ".join(_name_or_path(teacher) for teacher in teachers)
@@ -243,7 +249,8 @@ class DistillationTrainer(Trainer):
         The counts, summed over processes when `average_tokens_across_devices`, reach `compute_loss` as
         `num_items_in_batch`, so one step of batch 8 equals 4 × gradient accumulation 2 on ragged data.
         On an on-policy step (`lmbda`) each micro-batch is first replaced by its prompts and the student's
-        responses, so the counts cover the generated targets and `compute_loss` sees an ordinary batch.
+        responses, and on the other steps with `seq_kd` by its prompts and the teacher's, so the counts cover the
+        generated targets and `compute_loss` sees an ordinary batch.
         """
         batch_samples = []
         for _ in range(num_batches):
@@ -258,6 +265,10 @@ class DistillationTrainer(Trainer):
             self._on_policy_steps[1] += 1
             if on_policy:
                 batch_samples = [self._generated_batch(batch, i) for i, batch in enumerate(batch_samples)]
+        else:
+            on_policy = False
+        if batch_samples and self.args.seq_kd and not on_policy:
+            batch_samples = [self._generated_batch(batch, i, by_teacher=True) for i, batch in enumerate(batch_samples)]
         if not batch_samples or "labels" not in batch_samples[0]:
             return batch_samples, None
         counts = sum(torch.stack([m.sum() for m in self._target_positions(b)[1:]]) for b in batch_samples).to(device)
@@ -265,39 +276,43 @@ class DistillationTrainer(Trainer):
             counts = self.accelerator.gather(counts[None]).sum(0)
         return batch_samples, counts
 
-    def _generated_batch(self, batch: dict[str, Any], micro_batch: int) -> dict[str, torch.Tensor]:
-        """The batch's prompts followed by the student's sampled responses (labels on the responses only)."""
+    def _generated_batch(self, batch: dict[str, Any], micro_batch: int, by_teacher: bool = False) -> dict[str, torch.Tensor]:
+        """The batch's prompts followed by the student's sampled responses, or with `by_teacher` the teacher's (greedy
+        unless `seq_kd_sampling`); labels on the responses only."""
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        student = self.accelerator.unwrap_model(self.model)  # drops DDP; a PEFT model generates with its adapters
-        if self._generation_config is None:
-            self._generation_config = sampling_config(
-                unwrap_model(student), tokenizer, self.args.max_new_tokens, self.args.generation_temperature
+        # Drops DDP (and a DeepSpeed engine); a PEFT model generates with its adapters.
+        generator = self.accelerator.unwrap_model(self.teachers[0] if by_teacher else self.model)
+        name = "teacher" if by_teacher else "student"
+        if name not in self._generation_configs:
+            self._generation_configs[name] = sampling_config(
+                unwrap_model(generator), tokenizer, self.args.max_new_tokens, self.args.generation_temperature,
+                do_sample=self.args.seq_kd_sampling if by_teacher else True,
             )
-        config = self._generation_config
+        config = self._generation_configs[name]
         prompts = prompts_of(batch)
         inputs = left_padded(prompts, config.pad_token_id, self.args.device)
         # Prompt + response must fit every model's positions (learned position embeddings fail beyond them).
         width = inputs["input_ids"].shape[1]
         limits = [getattr(unwrap_model(m).config.get_text_config(), "max_position_embeddings", None)
-                  for m in (student, *self.teachers)]
+                  for m in (self.model, *self.teachers)]
         limit = min((n for n in limits if isinstance(n, int)), default=width + config.max_new_tokens)
         room = limit - width
         if room < 1:
             raise ValueError(
-                f"On-policy step {self.state.global_step}: a prompt of {width} tokens leaves no room to generate within "
+                f"{'seq_kd' if by_teacher else 'On-policy'} step {self.state.global_step}: a prompt of {width} tokens leaves no room to generate within "
                 f"{limit} positions (max_position_embeddings of the student or teacher); truncate the prompts shorter."
             )
         seed = generation_seed(self.args.seed, self.state.global_step, micro_batch, self.args.process_index)
         # Sampling draws from its own seeded RNG: the training RNG (dropout) stays as it was, and resuming repeats it.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        was_training = student.training
-        student.eval()
+        was_training = generator.training
+        generator.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                output = student.generate(**inputs, generation_config=config, max_new_tokens=min(config.max_new_tokens, room))
+                output = generator.generate(**inputs, generation_config=config, max_new_tokens=min(config.max_new_tokens, room))
         finally:
-            student.train(was_training)
+            generator.train(was_training)
         generated = output[:, inputs["input_ids"].shape[1] :]
         return responses_batch(prompts, generated, config.eos_token_id, config.pad_token_id)
 
@@ -612,6 +627,9 @@ class DistillationTrainer(Trainer):
             **({"on_policy": f"lmbda={self.args.lmbda}: that fraction of steps trained on the student's own sampled "
                 f"responses (max_new_tokens={self.args.max_new_tokens}, generation_temperature="
                 f"{self.args.generation_temperature})"} if self.args.lmbda > 0 else {}),
+            **({"sequence-level distillation": f"seq_kd: trained on the teacher's "
+                f"{'sampled' if self.args.seq_kd_sampling else 'greedy'} responses to the prompts (max_new_tokens="
+                f"{self.args.max_new_tokens})"} if self.args.seq_kd else {}),
             **{key: getattr(self.args, key) for key in (
                 "loss_type", "temperature", "alpha", "beta", "skew", "hidden_loss_weight",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
@@ -633,31 +651,34 @@ def _check_args(args) -> DistillationConfig:
 
 
 def _check_on_policy(args: DistillationConfig, kind, processing_class) -> None:
-    """What on-policy distillation (lmbda > 0) needs, refused before anything loads."""
-    if args.lmbda == 0:
+    """What on-policy distillation (lmbda > 0) and seq_kd need, refused before anything loads."""
+    if args.lmbda == 0 and not args.seq_kd:
         return
+    # Named as the user set it: lmbda, seq_kd, or both.
+    setting = " with ".join(([f"lmbda={args.lmbda}"] if args.lmbda else []) + (["seq_kd=True"] if args.seq_kd else []))
+    off = " and ".join((["lmbda=0"] if args.lmbda else []) + (["seq_kd=False"] if args.seq_kd else []))
     if kind != CAUSAL:
         raise ValueError(
-            f"lmbda={args.lmbda} trains on the student's generated responses, which works with causal LMs; this "
-            f"student is a {kind} model. Set lmbda=0."
+            f"{setting} trains on generated responses, which works with causal LMs; this student is a {kind} model. "
+            f"Set {off}."
         )
     if args.teacher_cache is not None:
         raise ValueError(
-            f"lmbda={args.lmbda} needs the teacher live, to score the responses the student generates; teacher_cache "
-            f"only holds targets for the dataset's own tokens. Drop teacher_cache, or set lmbda=0."
+            f"{setting} needs the teacher live, to generate or score responses; teacher_cache only holds targets for "
+            f"the dataset's own tokens. Drop teacher_cache, or set {off}."
         )
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     if tokenizer is None:
         raise ValueError(
-            f"lmbda={args.lmbda} needs the student's tokenizer to pad the prompts and responses it generates: pass "
+            f"{setting} needs the student's tokenizer to pad the prompts and the responses generated for them: pass "
             "processing_class=tokenizer."
         )
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError(
-            f"lmbda={args.lmbda}: the tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token to pad "
+            f"{setting}: the tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token to pad "
             "generated responses with; set tokenizer.pad_token."
         )
-    if args.alpha < 1:
+    if args.lmbda and args.alpha < 1:
         logger.warning(
             f"lmbda={args.lmbda} with alpha={args.alpha}: on on-policy steps the CE term trains the student toward its "
             "own samples; GKD distills them with alpha=1."

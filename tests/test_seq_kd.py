@@ -1,0 +1,98 @@
+"""Sequence-level distillation (seq_kd): the teacher answers the batch's prompts and the student trains on that."""
+
+import copy
+
+import pytest
+import torch
+
+from hf_distill import DistillationTrainer
+from hf_distill.on_policy import is_on_policy_step
+
+from test_on_policy import EOS, make_trainer, prompt_only_dataset, ragged_prompts, record_batches, record_generate, response_of, weights
+from test_trainer import config, tiny_t5
+
+
+def test_seq_kd_trains_on_the_teachers_greedy_tokens(tmp_path, causal_pair, tokenizer):
+    teacher, student = causal_pair
+    dataset = ragged_prompts(tokenizer)
+    teacher_calls, student_calls = record_generate(teacher), record_generate(student)
+    trainer = make_trainer(tmp_path, teacher, student, dataset, tokenizer, seq_kd=True, alpha=0.5, max_new_tokens=6)
+    batches = record_batches(trainer)
+    trainer.train()
+
+    assert student_calls == [] and len(teacher_calls) == len(batches) == 2
+    for call, (batch, counts) in zip(teacher_calls, batches):
+        assert not call["training"] and not call["grad"]
+        assert not call["config"].do_sample and call["config"].max_new_tokens == 6 and EOS in call["config"].eos_token_id
+        width = call["input_ids"].shape[1]
+        for row in range(batch["input_ids"].shape[0]):
+            prompt = call["input_ids"][row][call["attention_mask"][row].bool()].tolist()
+            response = response_of(call["output"][row, width:].tolist())
+            n = len(prompt) + len(response)
+            # Exactly the teacher's tokens are the labels; the prompt is masked.
+            assert batch["input_ids"][row, :n].tolist() == prompt + response
+            assert batch["labels"][row, : len(prompt)].eq(-100).all() and batch["labels"][row, n:].eq(-100).all()
+            assert batch["labels"][row, len(prompt) : n].tolist() == response
+            # Greedy: the first response token is the teacher's argmax after the prompt.
+            with torch.no_grad():
+                logits = teacher(input_ids=torch.tensor([prompt])).logits[0, -1]
+            assert response[0] == int(logits.argmax())
+        # CE and KD counts cover the teacher's tokens.
+        assert int(counts[0]) == int(counts[1]) == int((batch["labels"][:, 1:] != -100).sum()) > 0
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all(log["ce_loss"] > 0 and log["kd_loss"] > 0 for log in logs)
+    assert all("on_policy_fraction" not in log for log in logs) and teacher.training is False
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert "seq_kd: trained on the teacher's greedy responses" in card
+
+
+def test_prompt_only_dataset_trains_with_seq_kd(tmp_path, causal_pair, tokenizer):
+    teacher, student = causal_pair
+    dataset = prompt_only_dataset(tokenizer)
+    with pytest.raises(ValueError, match=r"None of the 8 rows .*or seq_kd=True"):
+        make_trainer(tmp_path, teacher, copy.deepcopy(student), dataset, tokenizer)
+    before = weights(student)
+    trainer = make_trainer(tmp_path, teacher, student, dataset, tokenizer, seq_kd=True, alpha=0.5)
+    trainer.train()
+    assert not torch.equal(weights(student), before)
+    assert all(log["ce_loss"] > 0 for log in trainer.state.log_history if "loss" in log)
+
+
+def test_seq_kd_with_lmbda_and_sampling(tmp_path, causal_pair, causal_dataset, tokenizer):
+    """On-policy steps answer with the student, the others with the teacher (sampled here at generation_temperature)."""
+    teacher, student = causal_pair
+    on_policy = [is_on_policy_step(0.5, 0, step) for step in range(4)]
+    assert on_policy == [False, False, True, True]
+    teacher_calls, student_calls = record_generate(teacher), record_generate(student)
+    trainer = make_trainer(tmp_path, teacher, student, causal_dataset, tokenizer, seq_kd=True, lmbda=0.5, max_steps=4,
+                           seq_kd_sampling=True, generation_temperature=0.7, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2)
+    batches = record_batches(trainer)
+    trainer.train()
+    assert len(teacher_calls) == len(student_calls) == 4  # two micro-batches per step
+    assert all(call["config"].do_sample and call["config"].temperature == 0.7 for call in teacher_calls + student_calls)
+    # Steps 0-1 train on the teacher's responses, steps 2-3 on the student's: every batch is a generated one.
+    generated = [call["output"] for call in teacher_calls + student_calls]
+    for (batch, _), output in zip(batches, generated):
+        assert batch["input_ids"].shape[0] == output.shape[0]
+    assert [log["on_policy_fraction"] for log in trainer.state.log_history if "loss" in log] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_seq_kd_refusals(tmp_path, causal_pair, causal_dataset, tokenizer):
+    teacher, student = causal_pair
+    with pytest.raises(ValueError, match=r"seq_kd=True trains on generated responses.*seq2seq model\. Set seq_kd=False"):
+        DistillationTrainer(model=tiny_t5(len(tokenizer), 32, 1, seed=1), teacher_model=tiny_t5(len(tokenizer), 32, 1, seed=0),
+                            args=config(tmp_path, seq_kd=True), processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"seq_kd=True needs the teacher live.*Drop teacher_cache, or set seq_kd=False"):
+        DistillationTrainer(model=student, args=config(tmp_path, seq_kd=True, teacher_cache=str(tmp_path / "cache")),
+                            train_dataset=causal_dataset, processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"seq_kd=True needs the student's tokenizer.*processing_class=tokenizer"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=config(tmp_path, seq_kd=True),
+                            train_dataset=causal_dataset, data_collator=lambda rows: rows)
+    with pytest.raises(ValueError, match=r"seq_kd=True trains on one teacher's responses, but 2 teachers"):
+        DistillationTrainer(model=student, teacher_model=[teacher, copy.deepcopy(teacher)], args=config(tmp_path, seq_kd=True),
+                            train_dataset=causal_dataset, processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"lmbda=0\.5 with seq_kd=True needs the teacher live.*set lmbda=0 and seq_kd=False"):
+        DistillationTrainer(model=student, args=config(tmp_path, seq_kd=True, lmbda=0.5, teacher_cache=str(tmp_path / "c")),
+                            train_dataset=causal_dataset, processing_class=tokenizer)
