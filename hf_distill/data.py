@@ -58,14 +58,41 @@ def default_collator(kind: str, tokenizer, pad_to_multiple_of: int | None = None
     if kind == SEQ2SEQ:
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of)
     if kind == CLASSIFICATION:
-        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+        return ClassifierCollator(tokenizer, pad_to_multiple_of)
     raise ValueError(f"Unknown task kind {kind!r}.")
+
+
+@dataclass
+class ClassifierCollator:
+    """Pad like `DataCollatorWithPadding`; a row without a label (no `label`/`labels`, None, or -100) gets -100,
+    so it is distilled from the teacher alone (no CE)."""
+
+    tokenizer: Any
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        labels = [next((f[key] for key in ("labels", "label") if f.get(key) is not None), -100) for f in features]
+        features = [{key: value for key, value in f.items() if key not in ("labels", "label")} for f in features]
+        batch = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of)(features)
+        batch["labels"] = torch.tensor([int(label) for label in labels], dtype=torch.long)
+        return batch
+
+
+def labeled_rows(dataset, kind: str) -> int:
+    """How many rows carry a target: a class label (classifiers), or a label that is not -100 (causal: after the shift)."""
+    columns = getattr(dataset, "column_names", None) or []
+    column = "labels" if "labels" in columns else "label" if kind == CLASSIFICATION and "label" in columns else None
+    if column is None:
+        return 0 if kind == CLASSIFICATION else len(dataset)  # causal rows without labels train on every token
+    if kind == CLASSIFICATION:
+        return sum(1 for label in dataset[column] if label is not None and label != -100)
+    return len(dataset) - rows_without_targets(dataset[column], kind)
 
 
 def rows_without_targets(labels_column, kind: str) -> int:
     """How many rows would add nothing to the loss: every label -100 (causal: after the shift)."""
     if kind == CLASSIFICATION:
-        return sum(1 for label in labels_column if label == -100)
+        return sum(1 for label in labels_column if label is None or label == -100)
     skip = 1 if kind == CAUSAL else 0
     return sum(1 for labels in labels_column if all(label == -100 for label in list(labels)[skip:]))
 
@@ -88,11 +115,13 @@ def check_train_dataset(dataset, kind: str, name: str = "train_dataset", models=
             f"{name} has columns {columns} but no 'input_ids'. Tokenize it first (for instance with "
             "dataset.map(lambda rows: tokenizer(rows['text']), batched=True)), so each row has input_ids (and labels)."
         )
-    if kind == CLASSIFICATION and "labels" not in columns and "label" not in columns:
-        raise ValueError(
-            f"{name} has columns {columns} but no 'labels' (or 'label'): a classifier needs class ids; add a 'labels' "
-            "column of ints."
-        )
+    if kind == CLASSIFICATION:
+        unlabeled = len(dataset) - labeled_rows(dataset, kind)
+        if unlabeled:  # the teacher's distribution is their only target
+            logger.warning(
+                f"{unlabeled} of {len(dataset)} rows of {name} have no label (no 'labels'/'label' column, None, or -100): "
+                "they are distilled from the teacher alone (KD, no CE)."
+            )
     if kind == SEQ2SEQ and "labels" not in columns:
         raise ValueError(
             f"{name} has columns {columns} but no 'labels': a seq2seq model needs target token ids; add them with "

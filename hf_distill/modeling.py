@@ -223,8 +223,11 @@ def target_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None, 
     Causal: position t is trained on token t + 1, so labels are shifted left; the CE mask holds positions
     whose next label is not -100, and the KD mask the same, or with `distill_all_tokens` every position
     whose next token is real (non-padding) text, prompt included. Seq2seq: decoder positions align with
-    the labels. Classifiers: one position a row.
+    the labels. Classifiers: one position a row, distilled on every row; a row without a label (-100) is
+    distilled from the teacher alone, with no CE.
     """
+    if kind == CLASSIFICATION:
+        return labels, labels != -100, torch.ones_like(labels, dtype=torch.bool)
     if kind != CAUSAL:
         ce_mask = labels != -100
         return labels, ce_mask, ce_mask

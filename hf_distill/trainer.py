@@ -19,7 +19,7 @@ from transformers.utils import logging
 from .cache import CACHE_COLUMNS, CacheSettings, load_cache
 from .checkpoints import DISTILL_STATE_NAME, resolve_resume
 from .config import DistillationConfig
-from .data import CachedTeacherCollator, check_train_dataset, default_collator
+from .data import CachedTeacherCollator, check_train_dataset, default_collator, labeled_rows
 from .loss import (
     CachedTeacher,
     DistillationLoss,
@@ -123,6 +123,12 @@ class DistillationTrainer(Trainer):
         # With lmbda=1 or seq_kd every step trains on generated responses, so prompts alone make a training set.
         prompts_suffice = args.lmbda == 1 or args.seq_kd
         check_train_dataset(train_dataset, self.task_kind, models=(model, *teachers), prompts_suffice=prompts_suffice)
+        if self.task_kind == CLASSIFICATION and args.alpha == 0 and hasattr(train_dataset, "column_names"):
+            if labeled_rows(train_dataset, CLASSIFICATION) == 0:
+                raise ValueError(
+                    f"None of the {len(train_dataset)} rows of train_dataset has a label, and alpha=0 trains on labels "
+                    "only: set alpha > 0 to distill the unlabeled rows from the teacher, or add labels."
+                )
         check_train_dataset(eval_dataset, self.task_kind, "eval_dataset", models=(model, *teachers))
         self.cache_info = None
         if args.teacher_cache is not None:
@@ -657,10 +663,11 @@ def _check_on_policy(args: DistillationConfig, kind, processing_class) -> None:
     # Named as the user set it: lmbda, seq_kd, or both.
     setting = " with ".join(([f"lmbda={args.lmbda}"] if args.lmbda else []) + (["seq_kd=True"] if args.seq_kd else []))
     off = " and ".join((["lmbda=0"] if args.lmbda else []) + (["seq_kd=False"] if args.seq_kd else []))
+    whose = " and ".join((["the student's"] if args.lmbda else []) + (["the teacher's"] if args.seq_kd else []))
     if kind != CAUSAL:
         raise ValueError(
-            f"{setting} trains on generated responses, which works with causal LMs; this student is a {kind} model. "
-            f"Set {off}."
+            f"{setting} trains on {whose} generated responses, which works with causal LMs; this student is a {kind} "
+            f"model. Set {off}."
         )
     if args.teacher_cache is not None:
         raise ValueError(

@@ -81,7 +81,7 @@ def test_seq_kd_with_lmbda_and_sampling(tmp_path, causal_pair, causal_dataset, t
 
 def test_seq_kd_refusals(tmp_path, causal_pair, causal_dataset, tokenizer):
     teacher, student = causal_pair
-    with pytest.raises(ValueError, match=r"seq_kd=True trains on generated responses.*seq2seq model\. Set seq_kd=False"):
+    with pytest.raises(ValueError, match=r"seq_kd=True trains on the teacher.s generated responses.*seq2seq model\. Set seq_kd=False"):
         DistillationTrainer(model=tiny_t5(len(tokenizer), 32, 1, seed=1), teacher_model=tiny_t5(len(tokenizer), 32, 1, seed=0),
                             args=config(tmp_path, seq_kd=True), processing_class=tokenizer)
     with pytest.raises(ValueError, match=r"seq_kd=True needs the teacher live.*Drop teacher_cache, or set seq_kd=False"):

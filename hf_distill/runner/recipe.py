@@ -384,8 +384,8 @@ def to_task_rows(dataset, recipe: RecipeArguments):
         values = fields(row)
         if recipe.packing:
             return {"text": values.get("text", values.get("source"))}
-        if recipe.task == CLASSIFICATION:
-            return {"text": values["text"], "label": int(values["label"])}
+        if recipe.task == CLASSIFICATION:  # a row without a label (None) is distilled from the teacher alone
+            return {"text": values["text"], "label": None if values["label"] is None else int(values["label"])}
         if recipe.label_words:  # a causal LM that answers with a label word
             label = int(values["label"])
             return {"prompt": recipe.prompt_template.format(**values), "response": " " + recipe.label_words[label],
@@ -417,7 +417,9 @@ def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42):
                 rows, tokenizer, max_length=recipe.max_length, max_target_length=recipe.max_target_length
             )
         else:
-            prepared[name], stats[name] = tokenize_classification(rows, tokenizer, max_length=recipe.max_length)
+            prepared[name], stats[name] = tokenize_classification(
+                rows, tokenizer, max_length=recipe.max_length, require_label=name != "train"
+            )
         logger.warning(stats[name].summary(name)) if stats[name].dropped else logger.info(stats[name].summary(name))
         if len(split) and not len(prepared[name]):  # otherwise the trainer would only say the split is empty
             if recipe.packing:

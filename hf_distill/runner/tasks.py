@@ -23,6 +23,7 @@ _FLAG_COLUMNS = (PROMPT_TRUNCATED, RESPONSE_TRUNCATED, DROP_REASON)
 EMPTY_RESPONSE = "empty response"
 SHORT_RESPONSE = "response truncated below min_response_tokens"
 EMPTY_TARGET = "empty target"
+NO_LABEL = "no label"
 
 
 @dataclass
@@ -163,14 +164,20 @@ def tokenize_seq2seq(dataset, tokenizer, *, max_length: int, max_target_length: 
     return _count_and_drop(dataset.map(tokenize, batched=True, desc="Tokenizing source → target"))
 
 
-def tokenize_classification(dataset, tokenizer, *, max_length: int):
-    """Rows with `text` and integer `label` → input_ids / attention_mask / labels."""
+def tokenize_classification(dataset, tokenizer, *, max_length: int, require_label: bool = False):
+    """Rows with `text` and integer `label` → input_ids / attention_mask / labels.
+
+    A row without a label (None or -100) keeps `labels` None: training distills it from the teacher alone. With
+    `require_label` (held-out splits, which are scored against their labels) it is dropped and counted.
+    """
 
     def tokenize(batch):
         out = _empty_columns()
         encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]
         for ids, label in zip(encoded, batch["label"]):
-            _add_row(out, ids, int(label), len(ids) >= max_length, False, "")
+            label = None if label is None or int(label) == -100 else int(label)
+            reason = NO_LABEL if label is None and require_label else ""
+            _add_row(out, ids, label, len(ids) >= max_length, False, reason)
         return out
 
     return _count_and_drop(dataset.map(tokenize, batched=True, desc="Tokenizing text → label"))
