@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .loss import HIDDEN_LOSS_TYPES, LOSS_TYPES, MULTI_TEACHER, check_loss_settings, normalized_weights
+from .loss import CROSS_TOKENIZER, HIDDEN_LOSS_TYPES, LOSS_TYPES, MULTI_TEACHER, check_loss_settings, normalized_weights
 from .modeling import resolve_init_kwargs
 from .quantization import QUANTIZATION_SCHEMES, check_scheme
 
@@ -158,6 +158,18 @@ class DistillationConfig(TrainingArguments):
             "choices": ["bucket", "renormalize"],
         },
     )
+    cross_tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "A teacher with another tokenizer. None (default): the tokenizers must match (checked). 'uld': "
+            "Universal Logit Distillation, the L1 distance between the two models' sorted probability vectors, on "
+            "response positions paired in order (the k-th target token of each tokenization, cut to the shorter); "
+            "it replaces loss_type's divergence. Each row is tokenized again by the teacher's tokenizer (from "
+            "teacher_processing_class or the teacher's folder). Causal LMs, one live teacher. 'align' is not "
+            "implemented yet.",
+            "choices": [None, *CROSS_TOKENIZER],
+        },
+    )
 
     student_quantization: str = field(
         default="none",
@@ -232,6 +244,7 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"chunk_size={self.chunk_size} must be a positive number of positions (or None for auto).")
         self.teacher_model_init_kwargs = parse_init_kwargs(self.teacher_model_init_kwargs)
         self._check_teachers()
+        self._check_cross_tokenizer()
         check_scheme("student_quantization", self.student_quantization)
         super().__post_init__()
 
@@ -267,6 +280,33 @@ class DistillationConfig(TrainingArguments):
         if self.teacher_weights is not None:
             count = len(teachers) if isinstance(teachers, list) else len(self.teacher_weights)
             normalized_weights(self.teacher_weights, count)
+
+    def _check_cross_tokenizer(self) -> None:
+        """What a teacher with another tokenizer can't be combined with, refused before anything loads."""
+        value = self.cross_tokenizer
+        if value is None:
+            return
+        if value not in CROSS_TOKENIZER:
+            raise ValueError(f"cross_tokenizer={value!r}; choose one of {', '.join(CROSS_TOKENIZER)}, or None (one tokenizer).")
+        if value == "align":
+            raise NotImplementedError(
+                "cross_tokenizer='align' is not implemented yet; use cross_tokenizer='uld' for a teacher with another "
+                "tokenizer."
+            )
+        conflicts = [
+            (self.teacher_cache is not None, f"teacher_cache={self.teacher_cache!r}", "a cache holds the logits of one "
+             "tokenizer's positions; drop teacher_cache"),
+            (bool(self.hidden_loss_weight), f"hidden_loss_weight={self.hidden_loss_weight}", "hidden states of two "
+             "tokenizations do not line up; set hidden_loss_weight=0"),
+            (isinstance(self.teacher_model_name_or_path, list), f"{len(self.teacher_model_name_or_path or [])} "
+             "teachers", "distill from one teacher"),
+            (self.lmbda > 0, f"lmbda={self.lmbda}", "generated responses have no teacher tokenization; set lmbda=0"),
+            (self.seq_kd, "seq_kd=True", "the teacher's responses are in its own tokens; drop seq_kd"),
+            (self.distill_all_tokens, "distill_all_tokens=True", "positions are aligned on the response only; drop it"),
+        ]
+        for conflict, given, fix in conflicts:
+            if conflict:
+                raise ValueError(f"cross_tokenizer={value!r} does not work with {given}: {fix}.")
 
 
 def parse_init_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any] | None:

@@ -222,6 +222,69 @@ class CachedTeacherCollator:
         return batch
 
 
+@dataclass
+class CrossTokenizerCollator:
+    """Wraps a causal collator: each row is also tokenized by a teacher with another tokenizer.
+
+    The row's prompt (its tokens before the first label that is not -100) and response (the rest) are decoded
+    with the student's tokenizer and tokenized again with the teacher's, giving `teacher_input_ids`,
+    `teacher_attention_mask` and `teacher_labels` (-100 on the prompt), right-padded with the teacher's pad
+    token. A response ending in the student's EOS ends in the teacher's. A row without a prompt keeps its first
+    response token out of the teacher's targets too, as a causal student never predicts its first token.
+    """
+
+    collator: Any
+    student_tokenizer: Any
+    teacher_tokenizer: Any
+
+    def __post_init__(self):
+        self.student_tokenizer = getattr(self.student_tokenizer, "tokenizer", self.student_tokenizer)
+        self.teacher_tokenizer = getattr(self.teacher_tokenizer, "tokenizer", self.teacher_tokenizer)
+        teacher = self.teacher_tokenizer
+        self.teacher_pad_id = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id
+        if self.teacher_pad_id is None:
+            raise ValueError(
+                f"The teacher tokenizer {teacher.name_or_path!r} has neither a pad nor an eos token to pad the teacher's "
+                "rows with; set teacher_tokenizer.pad_token."
+            )
+
+    def teacher_row(self, feature: dict[str, Any]) -> tuple[list[int], list[int]]:
+        """(teacher ids, teacher labels) of one row: its prompt and response text in the teacher's tokens."""
+        ids = list(feature["input_ids"])
+        labels = list(feature["labels"]) if feature.get("labels") is not None else list(ids)
+        mask = feature.get("attention_mask")
+        if mask is not None:  # padding the row may already carry is not text
+            ids, labels = [t for t, keep in zip(ids, mask) if keep], [t for t, keep in zip(labels, mask) if keep]
+        start = next((i for i, label in enumerate(labels) if label != -100), len(ids))
+        response = ids[start:]
+        ends_with_eos = bool(response) and response[-1] == self.student_tokenizer.eos_token_id
+        decode = lambda tokens: self.student_tokenizer.decode(  # noqa: E731
+            tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        teacher = self.teacher_tokenizer
+        prompt_ids = teacher(decode(ids[:start]), add_special_tokens=True)["input_ids"]
+        response_ids = teacher(decode(response[:-1] if ends_with_eos else response), add_special_tokens=False)["input_ids"]
+        if ends_with_eos and teacher.eos_token_id is not None:
+            response_ids = response_ids + [teacher.eos_token_id]
+        labels = [-100] * len(prompt_ids) + response_ids
+        if start == 0 and prompt_ids and response_ids:  # the student's first token is no target: nor is the teacher's
+            labels[len(prompt_ids)] = -100
+        return prompt_ids + response_ids, labels
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [self.teacher_row(feature) for feature in features]
+        batch = self.collator(features)
+        length = max(len(ids) for ids, _ in rows)
+        batch["teacher_input_ids"] = torch.tensor(
+            [ids + [self.teacher_pad_id] * (length - len(ids)) for ids, _ in rows], dtype=torch.long
+        )
+        batch["teacher_attention_mask"] = torch.tensor(
+            [[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in rows], dtype=torch.long
+        )
+        batch["teacher_labels"] = torch.tensor([labels + [-100] * (length - len(labels)) for _, labels in rows], dtype=torch.long)
+        return batch
+
+
 def pack_dataset(dataset, max_length: int, separator_id: int | None = None, drop_last: bool = True):
     """Concatenate tokenized rows (a separator token between them) and cut the stream into `max_length` blocks.
 

@@ -38,7 +38,9 @@ class TaskKind(str, Enum):
 
 CAUSAL, SEQ2SEQ, CLASSIFICATION = TaskKind.CAUSAL, TaskKind.SEQ2SEQ, TaskKind.CLASSIFICATION
 # Batch keys that describe targets (labels, a cached teacher's entries) rather than model inputs.
-TARGET_KEYS = ("labels", "num_items_in_batch", "teacher_ids", "teacher_logprobs", "teacher_lse")
+# A teacher with another tokenizer gets its own tokenization of each row (`cross_tokenizer`).
+TEACHER_TOKEN_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels")
+TARGET_KEYS = ("labels", "num_items_in_batch", "teacher_ids", "teacher_logprobs", "teacher_lse", *TEACHER_TOKEN_KEYS)
 _AUTO_CLASSES = {
     CAUSAL: AutoModelForCausalLM,
     SEQ2SEQ: AutoModelForSeq2SeqLM,

@@ -19,14 +19,16 @@ from transformers.utils import logging
 from .cache import CACHE_COLUMNS, CacheSettings, load_cache
 from .checkpoints import DISTILL_STATE_NAME, resolve_resume
 from .config import DistillationConfig
-from .data import CachedTeacherCollator, check_train_dataset, default_collator, labeled_rows
+from .data import CachedTeacherCollator, CrossTokenizerCollator, check_train_dataset, default_collator, labeled_rows
 from .loss import (
+    AlignedTeacher,
     CachedTeacher,
     DistillationLoss,
     StudentOutput,
     TeacherHidden,
     TeacherLogits,
     TeacherOutput,
+    aligned_response_masks,
     default_layer_map,
     normalized_weights,
 )
@@ -39,6 +41,7 @@ from .modeling import (
     CAUSAL,
     CLASSIFICATION,
     SEQ2SEQ,
+    TEACHER_TOKEN_KEYS,
     check_compatible,
     check_tokenizers,
     load_model,
@@ -115,6 +118,10 @@ class DistillationTrainer(Trainer):
             prepare_qat(model, args.student_quantization)  # before the projections, which stay in float
         self._attach_projections(model, teacher_model)
         data_collator = data_collator or default_collator(self.task_kind, processing_class)
+        if args.cross_tokenizer:  # each row also in the teacher's tokens
+            data_collator = CrossTokenizerCollator(data_collator, processing_class, self.teacher_tokenizer)
+        # The rows are in the student's tokens; a teacher with another tokenizer gets its own from the collator.
+        row_models = (model,) if args.cross_tokenizer else (model, *teachers)
         if args.seq_kd and len(teachers) > 1:
             raise ValueError(
                 f"seq_kd=True trains on one teacher's responses, but {len(teachers)} teachers are given: distill from one "
@@ -122,14 +129,14 @@ class DistillationTrainer(Trainer):
             )
         # With lmbda=1 or seq_kd every step trains on generated responses, so prompts alone make a training set.
         prompts_suffice = args.lmbda == 1 or args.seq_kd
-        check_train_dataset(train_dataset, self.task_kind, models=(model, *teachers), prompts_suffice=prompts_suffice)
+        check_train_dataset(train_dataset, self.task_kind, models=row_models, prompts_suffice=prompts_suffice)
         if self.task_kind == CLASSIFICATION and args.alpha == 0 and hasattr(train_dataset, "column_names"):
             if labeled_rows(train_dataset, CLASSIFICATION) == 0:
                 raise ValueError(
                     f"None of the {len(train_dataset)} rows of train_dataset has a label, and alpha=0 trains on labels "
                     "only: set alpha > 0 to distill the unlabeled rows from the teacher, or add labels."
                 )
-        check_train_dataset(eval_dataset, self.task_kind, "eval_dataset", models=(model, *teachers))
+        check_train_dataset(eval_dataset, self.task_kind, "eval_dataset", models=row_models)
         self.cache_info = None
         if args.teacher_cache is not None:
             train_dataset, data_collator = self._attach_cache(args, train_dataset, data_collator, processing_class)
@@ -167,6 +174,7 @@ class DistillationTrainer(Trainer):
                 "DistillationTrainer needs a teacher: pass teacher_model=..., set teacher_model_name_or_path, or "
                 "train from an offline cache with teacher_cache=..."
             )
+        self.teacher_tokenizer = None  # kept only for a teacher with another tokenizer
         if teacher is None:
             return []
         teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
@@ -178,6 +186,8 @@ class DistillationTrainer(Trainer):
                 f"teacher_processing_class has {len(tokenizers)} tokenizers for {len(teachers)} teachers: give one per "
                 "teacher, in the same order, or a single one they all share."
             )
+        if args.cross_tokenizer:
+            return [self._load_other_tokenizer_teacher(student, teachers, tokenizers[0], args, processing_class)]
         if len(teachers) > 1:
             _check_several_teachers(args, len(teachers))
         loaded = []
@@ -192,6 +202,29 @@ class DistillationTrainer(Trainer):
         if self.task_kind != CAUSAL and args.distill_all_tokens:
             logger.warning("distill_all_tokens applies to causal LMs only; distilling on the labels.")
         return loaded
+
+    def _load_other_tokenizer_teacher(self, student, teachers, tokenizer, args, processing_class):
+        """`cross_tokenizer`: one causal teacher, and both tokenizers (the teacher's loaded from its folder if not given)."""
+        setting = f"cross_tokenizer={args.cross_tokenizer!r}"
+        if len(teachers) > 1:
+            raise ValueError(f"{setting} distills from one teacher, but {len(teachers)} are given: pass one teacher_model.")
+        teacher = teachers[0]
+        if isinstance(teacher, str):
+            tokenizer = tokenizer or load_tokenizer_if_any(teacher)
+            teacher = load_model(teacher, **(args.teacher_model_init_kwargs or {}))
+        kinds = {model_kind(student), model_kind(teacher)}
+        if kinds != {CAUSAL}:
+            raise ValueError(
+                f"{setting} pairs the response tokens of two causal LMs, but the student is a {model_kind(student)} "
+                f"model and the teacher a {model_kind(teacher)} model: use causal LMs, or drop cross_tokenizer."
+            )
+        if processing_class is None or tokenizer is None:
+            missing = "the student's tokenizer (processing_class=...)" if processing_class is None else (
+                "the teacher's tokenizer (teacher_processing_class=..., or a teacher folder that holds one)"
+            )
+            raise ValueError(f"{setting} tokenizes each row again for the teacher, so it needs both tokenizers: pass {missing}.")
+        self.teacher_tokenizer = tokenizer
+        return teacher
 
     def _resolve_layer_map(self, student, teacher, args) -> list[int] | None:
         """For each student layer, the teacher layer whose output it matches (None without a hidden-state term)."""
@@ -241,13 +274,35 @@ class DistillationTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS]))
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS, *TEACHER_TOKEN_KEYS]))
 
     # ---- targets ------------------------------------------------------------------------------------
 
     def _target_positions(self, inputs: dict[str, Any]):
-        """(targets, CE mask, KD mask), shaped like the student's output positions."""
-        return target_positions(inputs["labels"], inputs.get("attention_mask"), self.task_kind, self.args.distill_all_tokens)
+        """(targets, CE mask, KD mask), shaped like the student's output positions.
+
+        With `cross_tokenizer` the KD mask keeps the response positions paired with the teacher's, so the KD counts
+        of `get_batch_samples` (accumulation-exact normalization) count the aligned positions.
+        """
+        targets, ce_mask, kd_mask = target_positions(
+            inputs["labels"], inputs.get("attention_mask"), self.task_kind, self.args.distill_all_tokens
+        )
+        if self.args.cross_tokenizer:
+            kd_mask = self._aligned_masks(inputs, kd_mask)[0]
+        return targets, ce_mask, kd_mask
+
+    def _aligned_masks(self, inputs: dict[str, Any], student_mask: torch.Tensor | None = None):
+        """`cross_tokenizer`: (student, teacher) masks of the response positions paired k-th with k-th."""
+        if "teacher_labels" not in inputs:
+            raise ValueError(
+                f"cross_tokenizer={self.args.cross_tokenizer!r} needs each batch in the teacher's tokens too "
+                f"({', '.join(TEACHER_TOKEN_KEYS)}); this batch has only {sorted(inputs)}. A custom data_collator "
+                "must keep the keys that hf_distill.data.CrossTokenizerCollator adds."
+            )
+        if student_mask is None:
+            student_mask = target_positions(inputs["labels"], inputs.get("attention_mask"), CAUSAL)[2]
+        teacher_mask = target_positions(inputs["teacher_labels"], inputs["teacher_attention_mask"], CAUSAL)[2]
+        return aligned_response_masks(student_mask, teacher_mask)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch the micro-batches of one optimizer step and count their targets (CE, KD) over all of them.
@@ -376,6 +431,8 @@ class DistillationTrainer(Trainer):
     def _run_teacher(self, inputs, select) -> TeacherOutput:
         if self.cache_info is not None:
             return TeacherOutput(self._cached_teacher(inputs, select))
+        if self.args.cross_tokenizer:
+            return self._run_other_tokenizer_teacher(inputs)
         members, layers = [], []
         for i, teacher in enumerate(self.teachers):
             chunked = self._chunking_works("teacher" if i == 0 else f"teacher_{i}", teacher, inputs)
@@ -389,6 +446,19 @@ class DistillationTrainer(Trainer):
                 members.append(TeacherLogits(outputs.logits[select]))
             del outputs
         return TeacherOutput(self.loss_fn.teacher_distribution(members), layers)
+
+    def _run_other_tokenizer_teacher(self, inputs) -> TeacherOutput:
+        """`cross_tokenizer`: the teacher on its own tokens, at the response positions paired with the student's."""
+        teacher = self.teachers[0]
+        teacher_keep = self._aligned_masks(inputs)[1]
+        teacher_inputs = {"input_ids": inputs["teacher_input_ids"], "attention_mask": inputs["teacher_attention_mask"]}
+        chunked = self._chunking_works("teacher", teacher, teacher_inputs)
+        outputs = self._forward(teacher, teacher_inputs, chunked)
+        if not chunked:
+            return TeacherOutput(AlignedTeacher(outputs.logits[teacher_keep]))
+        head = unwrap_model(teacher).get_output_embeddings()
+        with whole_heads([(teacher, head, False)]):  # only the paired positions are projected
+            return TeacherOutput(AlignedTeacher(head(outputs.hidden_states[-1][teacher_keep])))
 
     def _whole_heads(self, model, student: StudentOutput, teacher: TeacherOutput | None):
         """Gather the heads the chunked loss projects with (sharded under FSDP2); the student's stays for backward."""

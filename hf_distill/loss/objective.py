@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .blended import (
     LossSettings,
@@ -25,6 +26,7 @@ from .blended import (
     chunked_blended_loss,
     default_chunk_size,
 )
+from .cross_tokenizer import AlignedTeacher, uld_blended_loss
 from .divergences import check_loss_settings
 from .ensemble import TeacherEnsemble, check_reduction, normalized_weights
 from .hidden import HIDDEN_LOSS_TYPES, hidden_state_sum
@@ -138,7 +140,15 @@ class DistillationLoss:
 
     def __call__(self, student: StudentOutput, teacher: TeacherOutput | None, positions: PositionTargets) -> LossOutput:
         distribution = None if teacher is None else teacher.distribution
-        if student.head is not None:
+        if isinstance(distribution, AlignedTeacher):  # another tokenizer: ULD on aligned positions, whole logits
+            head = student.head
+            logits = student.logits if head is None else F.linear(student.hidden, head.weight, head.bias)
+            loss, kd_sum, ce_sum = uld_blended_loss(
+                logits, distribution, positions.targets, positions.kd_mask, positions.ce_mask, positions.kd_scale,
+                positions.ce_scale, self.settings.temperature,
+            )
+            members = None
+        elif student.head is not None:
             head = student.head
             chunk_size = self.chunk_size or default_chunk_size(head.weight.shape[0], device_type=head.weight.device.type)
             loss, kd_sum, ce_sum, members = chunked_blended_loss(
