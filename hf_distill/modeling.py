@@ -195,7 +195,7 @@ def check_tokenizers(student_tokenizer, teacher_tokenizer, shared_rows: int) -> 
                 f"({student_name!r}, {len(student_tokens)} tokens) differ: id {token_id} is "
                 f"{teacher_tokens.get(token_id)!r} for the teacher and {student_tokens.get(token_id)!r} for the "
                 "student. Token-level distillation needs one vocabulary: choose a teacher and student of one model "
-                "family (or the same tokenizer)."
+                "family (or the same tokenizer), or set cross_tokenizer='uld' to distill across tokenizers."
             )
     if len(student_tokens) > shared_rows:
         raise ValueError(
