@@ -231,11 +231,13 @@ class CrossTokenizerCollator:
     `teacher_attention_mask` and `teacher_labels` (-100 on the prompt), right-padded with the teacher's pad
     token. A response ending in the student's EOS ends in the teacher's. A row without a prompt keeps its first
     response token out of the teacher's targets too, as a causal student never predicts its first token.
+    Teacher rows longer than `max_length` (the teacher's positions) are cut at the end.
     """
 
     collator: Any
     student_tokenizer: Any
     teacher_tokenizer: Any
+    max_length: int | None = None
 
     def __post_init__(self):
         self.student_tokenizer = getattr(self.student_tokenizer, "tokenizer", self.student_tokenizer)
@@ -269,7 +271,10 @@ class CrossTokenizerCollator:
         labels = [-100] * len(prompt_ids) + response_ids
         if start == 0 and prompt_ids and response_ids:  # the student's first token is no target: nor is the teacher's
             labels[len(prompt_ids)] = -100
-        return prompt_ids + response_ids, labels
+        ids = prompt_ids + response_ids
+        if self.max_length and len(ids) > self.max_length:  # the pairing then stops where the teacher's row does
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return ids, labels
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [self.teacher_row(feature) for feature in features]

@@ -119,7 +119,8 @@ class DistillationTrainer(Trainer):
         self._attach_projections(model, teacher_model)
         data_collator = data_collator or default_collator(self.task_kind, processing_class)
         if args.cross_tokenizer:  # each row also in the teacher's tokens
-            data_collator = CrossTokenizerCollator(data_collator, processing_class, self.teacher_tokenizer)
+            limit = getattr(unwrap_model(teacher_model).config.get_text_config(), "max_position_embeddings", None)
+            data_collator = CrossTokenizerCollator(data_collator, processing_class, self.teacher_tokenizer, limit)
         # The rows are in the student's tokens; a teacher with another tokenizer gets its own from the collator.
         row_models = (model,) if args.cross_tokenizer else (model, *teachers)
         if args.seq_kd and len(teachers) > 1:
@@ -223,6 +224,8 @@ class DistillationTrainer(Trainer):
                 "the teacher's tokenizer (teacher_processing_class=..., or a teacher folder that holds one)"
             )
             raise ValueError(f"{setting} tokenizes each row again for the teacher, so it needs both tokenizers: pass {missing}.")
+        if args.loss_type != "forward_kl":
+            logger.warning(f"{setting} distills with the ULD distance; loss_type={args.loss_type!r} is not used.")
         self.teacher_tokenizer = tokenizer
         return teacher
 

@@ -176,6 +176,17 @@ def test_row_without_prompt_keeps_first_token_out_on_both_sides(student_tokenize
     assert batch["teacher_input_ids"][0].tolist() == teacher_ids and batch["teacher_labels"][0].tolist() == teacher_ids
 
 
+def test_teacher_rows_cut_to_the_teacher_positions(student_tokenizer, teacher_tokenizer):
+    ids = student_tokenizer("In the beginning God created the heaven", add_special_tokens=False)["input_ids"]
+    collate = CrossTokenizerCollator(CausalLMCollator(0), student_tokenizer, teacher_tokenizer, max_length=4)
+    batch = collate([{"input_ids": ids, "labels": [-100] * 3 + ids[3:]}, {"input_ids": ids[:2]}])
+    whole = teacher_tokenizer("In the beginning God created the heaven", add_special_tokens=False)["input_ids"]
+    short = teacher_tokenizer(student_tokenizer.decode(ids[:2]), add_special_tokens=False)["input_ids"]
+    assert len(whole) > 4 and len(short) < 4 and batch["input_ids"].shape[1] == len(ids)  # the student's rows stay whole
+    assert batch["teacher_input_ids"].tolist() == [whole[:4], short + [0] * (4 - len(short))]
+    assert batch["teacher_attention_mask"][1].tolist() == [1] * len(short) + [0] * (4 - len(short))
+
+
 # ---- the trainer ----------------------------------------------------------------------------------------------
 
 
