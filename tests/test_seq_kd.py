@@ -1,6 +1,7 @@
 """Sequence-level distillation (seq_kd): the teacher answers the batch's prompts and the student trains on that."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hf_distill import DistillationTrainer
 from hf_distill.on_policy import is_on_policy_step
 
 from test_on_policy import EOS, make_trainer, prompt_only_dataset, ragged_prompts, record_batches, record_generate, response_of, weights
+from test_cli import causal_dirs  # noqa: F401  (a fixture)
 from test_trainer import config, tiny_t5
 
 
@@ -96,3 +98,78 @@ def test_seq_kd_refusals(tmp_path, causal_pair, causal_dataset, tokenizer):
     with pytest.raises(ValueError, match=r"lmbda=0\.5 with seq_kd=True needs the teacher live.*set lmbda=0 and seq_kd=False"):
         DistillationTrainer(model=student, args=config(tmp_path, seq_kd=True, lmbda=0.5, teacher_cache=str(tmp_path / "c")),
                             train_dataset=causal_dataset, processing_class=tokenizer)
+
+
+# ---- offline: hf-distill generate-targets, then train on the teacher's responses --------------------------------
+
+
+def test_generate_targets_then_train(tmp_path, causal_dirs, capsys):
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    from conftest import REPO
+    from hf_distill.runner.cli import main
+    from hf_distill.runner.recipe import prepare_splits
+    from test_cli import DATA, FAST
+
+    recipe = str(REPO / "recipes" / "translation_causal_seq_kd.yaml")
+    common = ["--teacher_model_name_or_path", str(causal_dirs / "teacher"), "--teacher_model_init_kwargs", "{}",
+              "--student_model_name_or_path", str(causal_dirs / "student"), "--max_length", "48"]
+    targets = tmp_path / "targets"
+    assert main(["generate-targets", recipe, *common, "--dataset_name", DATA, "--max_train_samples", "12",
+                 "--held_out_size", "8", "--max_new_tokens", "5", "--output_dir", str(targets)]) == 0
+    assert f"--dataset_name {targets}" in capsys.readouterr().out
+    data = load_from_disk(str(targets))
+    assert {name: len(split) for name, split in data.items()} == {"train": 12, "eval": 8, "test": 8}
+    assert data["train"].column_names == ["prompt", "response"]
+
+    # Each response is the teacher's greedy answer to the row's prompt, as training would tokenize it.
+    from hf_distill.runner.cli import parse_recipe
+
+    args, _ = parse_recipe(recipe, [*common, "--dataset_name", DATA, "--max_train_samples", "12", "--held_out_size", "8",
+                                    "--use_cpu", "true"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(causal_dirs / "teacher")
+    train = prepare_splits(args, tokenizer, seed=42)[0]["train"]
+    teacher = AutoModelForCausalLM.from_pretrained(causal_dirs / "teacher").eval()
+    for row in (0, 7):
+        prompt = train[row]["input_ids"][: train[row]["labels"].count(-100)]
+        with torch.no_grad():
+            output = teacher.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        expected = tokenizer.decode(output[0, len(prompt):], skip_special_tokens=True)
+        assert data["train"][row] == {"prompt": train[row]["prompt"], "response": expected}
+    assert data["test"]["response"] == prepare_splits(args, tokenizer, seed=42)[0]["test"]["response"]  # references
+
+    # Train on them: the recipe reads the folder's prompt/response columns and its held-out splits.
+    out = tmp_path / "run"
+    assert main(["train", recipe, *common, "--dataset_name", str(targets), "--eval_split", "eval", "--test_split", "test",
+                 "--seq_kd", "false", "--output_dir", str(out), *FAST]) == 0
+    samples = json.loads((out / "samples.json").read_text())
+    assert samples["labeled_rows"]["of"] == 12 and 0 < samples["labeled_rows"]["train"] <= 12
+    assert [row["model"] for row in json.loads((out / "report.json").read_text())["rows"]][:2] == ["teacher", "distilled"]
+
+    # The recipe as written: the teacher answers during training; the baseline (no teacher) trains on the data.
+    out = tmp_path / "online"
+    assert main(["train", recipe, *common, "--dataset_name", DATA, "--max_train_samples", "12", "--max_new_tokens", "4",
+                 "--output_dir", str(out), *FAST]) == 0
+    assert "seq_kd: trained on the teacher's greedy responses" in (out / "README.md").read_text()
+
+
+def test_generate_targets_errors_are_one_line(tmp_path, capsys):
+    from conftest import REPO
+    from hf_distill.runner.cli import main
+
+    recipe = str(REPO / "recipes" / "translation_causal_seq_kd.yaml")
+    assert main(["generate-targets", recipe]) == 2
+    assert "needs --output_dir" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert main(["generate-targets", recipe, "--output_dir", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not empty" in err
+    assert main(["generate-targets", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--output_dir" in text and "--max_new_tokens" in text and "--seq_kd_sampling" in text
+    assert "--learning_rate" not in text

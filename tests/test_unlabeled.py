@@ -66,3 +66,35 @@ def test_dataset_without_a_label_column(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"None of the 6 rows of train_dataset has a label, and alpha=0.*set alpha > 0"):
         DistillationTrainer(model=student, teacher_model=teacher, train_dataset=dataset, processing_class=tokenizer,
                             args=config(tmp_path, alpha=0.0))
+
+
+def test_classifier_recipe_with_unlabeled_rows(tmp_path, tokenizer):
+    """Training keeps the unlabeled rows (the report counts the labeled ones); held-out rows need labels to be scored."""
+    import json
+
+    from conftest import REPO
+    from hf_distill.runner.cli import main
+    from test_cli import FAST
+
+    texts = english_lines(48)
+    labels = [None if i % 4 == 0 else int("LORD" in t) for i, t in enumerate(texts)]
+    Dataset.from_dict({"sentence": texts, "label": labels}).to_json(tmp_path / "partly_labeled.jsonl")
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    sharpen(tiny_classifier(len(tokenizer), 32, 1, seed=0, num_labels=2), 5.0).save_pretrained(teacher_dir)
+    tiny_classifier(len(tokenizer), 16, 1, seed=1, num_labels=2).save_pretrained(student_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    out = tmp_path / "run"
+    assert main([
+        "train", str(REPO / "recipes" / "sentiment_classifier.yaml"), "--teacher_model_name_or_path", str(teacher_dir),
+        "--student_model_name_or_path", str(student_dir), "--tokenizer_name_or_path", str(teacher_dir),
+        "--data_files", str(tmp_path / "partly_labeled.jsonl"), "--test_split", "train", "--output_dir", str(out), *FAST,
+    ]) == 0
+    samples = json.loads((out / "samples.json").read_text())
+    truncation = samples["truncation"]
+    assert samples["labeled_rows"]["of"] == truncation["train"]["kept"] == 48 - 8  # 8 eval rows carved
+    assert 0 < samples["labeled_rows"]["train"] < samples["labeled_rows"]["of"]  # unlabeled rows train too
+    # The test split (all 48 rows here) is scored against labels: its 12 unlabeled rows are dropped and counted.
+    assert truncation["test"]["dropped"] == truncation["test"]["reasons"]["no label"] == labels.count(None) == 12
+    assert truncation["eval"]["dropped"] == truncation["eval"]["reasons"].get("no label", 0)
+    unlabeled_eval = truncation["eval"]["dropped"]
+    assert samples["labeled_rows"]["train"] == 36 - (8 - unlabeled_eval)  # the labeled rows not carved for eval

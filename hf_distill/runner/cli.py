@@ -3,6 +3,7 @@
     hf-distill train recipes/translation.yaml --max_steps 200 --alpha 0.7
     hf-distill eval recipes/translation.yaml --model student=runs/translation --model teacher=Helsinki-NLP/opus-mt-en-es
     hf-distill cache-teacher recipes/translation_causal.yaml --cache_dir cache/  # then train with --teacher_cache cache/
+    hf-distill generate-targets recipes/translation_causal.yaml --output_dir targets/  # the teacher's responses, once
     hf-distill prune TEACHER --output_dir student/ --num_layers 10 --data_files text.jsonl  # a student made alone
     hf-distill demo
     accelerate launch -m hf_distill.runner.cli train recipes/translation.yaml    # multi-GPU
@@ -36,11 +37,11 @@ from ..model_card import looks_like_hub_id
 from ..modeling import check_model_source
 from .demo import run_demo
 from ..pruning import describe_student
-from .pipeline import cache_recipe_teacher, evaluate_saved, prune_from_files, train_recipe
+from .pipeline import cache_recipe_teacher, evaluate_saved, generate_recipe_targets, prune_from_files, train_recipe
 from .recipe import RecipeArguments, builder_for
 
 DEBUG_ENV = "HF_DISTILL_DEBUG"
-COMMANDS = ("train", "eval", "cache-teacher", "prune", "demo")
+COMMANDS = ("train", "eval", "cache-teacher", "generate-targets", "prune", "demo")
 
 # The TrainingArguments fields `hf-distill train --help` shows; `--help-all` lists every one.
 COMMON_TRAINING_FIELDS = (
@@ -80,6 +81,28 @@ class TeacherArguments:
 
 
 @dataclass
+class GenerateArguments:
+    """The `DistillationConfig` fields `generate-targets` reads: the teacher and how it answers."""
+
+    teacher_model_name_or_path: str | None = _config_field("teacher_model_name_or_path")
+    teacher_model_init_kwargs: dict[str, Any] | str | None = _config_field("teacher_model_init_kwargs")
+    max_new_tokens: int = _config_field("max_new_tokens")
+    seq_kd_sampling: bool = _config_field("seq_kd_sampling")
+    generation_temperature: float = _config_field("generation_temperature")
+    seed: int = _config_field("seed")
+
+    def __post_init__(self):
+        try:
+            self.teacher_model_init_kwargs = parse_init_kwargs(self.teacher_model_init_kwargs)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens={self.max_new_tokens} must be >= 1 tokens per response.")
+        if not self.generation_temperature > 0:
+            raise UsageError(f"generation_temperature={self.generation_temperature} must be > 0.")
+
+
+@dataclass
 class EvalArguments:
     """The one `DistillationConfig` field `eval` reads: the seed that carves the held-out splits."""
 
@@ -91,6 +114,7 @@ COMMAND_FIELDS = {
     "train": (RecipeArguments, DistillationConfig),
     "eval": (RecipeArguments, EvalArguments),
     "cache-teacher": (RecipeArguments, TeacherArguments),
+    "generate-targets": (RecipeArguments, GenerateArguments),
 }
 
 
@@ -275,6 +299,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         "--top_k", type=int, default=None, help="Entries per token; default: the most that fit 256 bytes."
     )
     cache.add_argument("--batch_size", type=int, default=8, help="Rows per teacher forward pass.")
+    targets = commands.add_parser(
+        "generate-targets", add_help=False,
+        help="Let the teacher answer a recipe's training prompts once (sequence-level KD offline); train on them later.",
+    )
+    targets.add_argument("recipe", nargs="?", help="YAML recipe (causal prompt → response) naming the teacher and data.")
+    targets.add_argument("--output_dir", help="Folder for the prompt/response dataset (save_to_disk; must be empty).")
+    targets.add_argument("--batch_size", type=int, default=8, help="Prompts per teacher generate call.")
     prune = commands.add_parser(
         "prune", help="Make a student from a causal teacher by importance (depth and/or MLP width) and save it."
     )
@@ -289,7 +320,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     demo = commands.add_parser("demo", help="Offline demo: train a teacher, distill, compare with the baseline.")
     demo.add_argument("--output_dir", default="demo_output")
     demo.add_argument("--quick", action="store_true", help="Tiny settings (seconds): a smoke test, not a result.")
-    for command in (train, evaluate, cache):
+    for command in (train, evaluate, cache, targets):
         command.add_argument("-h", "--help", action="store_true", help="Show this help (fields grouped) and exit.")
     train.add_argument("--help-all", action="store_true", help="Also list every TrainingArguments field.")
     return parser, commands.choices
@@ -372,6 +403,16 @@ def _run(argv: list[str]) -> int:
                 json.dump(rows, handle, indent=2)
         return 0
     teacher = parsed[1]
+    if args.command == "generate-targets":
+        if not args.output_dir:
+            raise UsageError("hf-distill generate-targets needs --output_dir.")
+        if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+            raise UsageError(f"--output_dir {args.output_dir!r} is not empty; choose another folder (nothing was changed).")
+        check_paths(recipe, {"teacher_model_name_or_path": teacher.teacher_model_name_or_path}, student=False)
+        path = generate_recipe_targets(recipe, teacher, args.output_dir, batch_size=args.batch_size)
+        print(f"teacher responses written to {path}; train on them with --dataset_name {path} --eval_split eval "
+              "--test_split test")
+        return 0
     if not args.cache_dir:
         raise UsageError("hf-distill cache-teacher needs --cache_dir.")
     check_paths(recipe, {"teacher_model_name_or_path": teacher.teacher_model_name_or_path})

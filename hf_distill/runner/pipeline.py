@@ -8,15 +8,16 @@ import json
 import os
 
 import torch
-from datasets import load_dataset
+from datasets import Dataset, DatasetDict, load_dataset
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
 from ..cache import build_cache
 from ..checkpoints import existing_run, resolve_resume
 from ..config import DistillationConfig
-from ..data import default_collator
-from ..modeling import load_model
+from ..data import default_collator, labeled_rows
+from ..modeling import CAUSAL, load_model
+from ..on_policy import generation_seed, left_padded, prompts_of, responses_batch, sampling_config
 from ..pruning import describe_student, prune_student
 from ..trainer import DistillationTrainer
 from ..quantization import folder_bytes, save_quantized
@@ -134,7 +135,7 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     if recipe.baseline:
         baseline_config = dataclasses.replace(
             # No teacher, so nothing to score the student's own samples either: the baseline trains on the data only.
-            config, alpha=0.0, lmbda=0.0, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
+            config, alpha=0.0, lmbda=0.0, seq_kd=False, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
             run_name=f"{config.run_name or 'run'}-baseline",
         )
         baseline = _train(initial_student, teachers, baseline_config, splits, tokenizer, callbacks, resume["baseline"])
@@ -158,8 +159,10 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
         rows, histories, config.output_dir, title=f"Distillation report: {recipe.task}", student=describe_student(student)
     )
     with open(os.path.join(config.output_dir, "samples.json"), "w", encoding="utf-8") as handle:
-        json.dump({"samples": samples, "truncation": {k: dataclasses.asdict(v) for k, v in stats.items()}}, handle,
-                  indent=2, ensure_ascii=False)
+        json.dump({"samples": samples, "truncation": {k: dataclasses.asdict(v) for k, v in stats.items()},
+                   # Training rows with a target: the rest (unlabeled classifier rows) were distilled from the teacher alone.
+                   "labeled_rows": {"train": labeled_rows(model_columns(splits["train"]), recipe.task),
+                                    "of": len(splits["train"])}}, handle, indent=2, ensure_ascii=False)
 
     card = {"dataset": recipe.dataset_name or recipe.data_files, "evaluation_table": table}
     trainer.create_model_card(**card)
@@ -273,6 +276,62 @@ def cache_recipe_teacher(recipe: RecipeArguments, config, cache_dir: str, top_k=
         distill_all_tokens=config.distill_all_tokens, batch_size=batch_size,
         teacher_name=config.teacher_model_name_or_path,
     )
+
+
+def generate_recipe_targets(recipe: RecipeArguments, config, output_dir: str, batch_size: int = 8) -> str:
+    """Compute the targets first, train later: the teacher answers the recipe's training prompts once.
+
+    Writes a `save_to_disk` folder with prompt/response splits: `train` holds the teacher's responses (greedy, or
+    sampled with `seq_kd_sampling`, up to `max_new_tokens`), `eval` and `test` the recipe's held-out rows with their
+    own references, so `hf-distill train RECIPE --dataset_name DIR --eval_split eval --test_split test` trains on the
+    teacher's responses and is scored on the data. `config` holds the teacher settings (the CLI's
+    `GenerateArguments`, or a `DistillationConfig`).
+    """
+    if recipe.task != CAUSAL or recipe.packing or recipe.label_words:
+        raise ValueError(
+            "generate-targets writes the teacher's responses to prompts: it needs task=causal prompt → response rows "
+            "(not packing or label_words)."
+        )
+    if len(_as_list(config.teacher_model_name_or_path)) > 1:
+        raise ValueError("generate-targets answers with one teacher; give one teacher_model_name_or_path.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise FileExistsError(f"--output_dir {output_dir!r} is not empty; choose another folder (nothing was changed).")
+    tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer_name_or_path or config.teacher_model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = config.teacher_model_init_kwargs or {}
+    teacher = load_model(config.teacher_model_name_or_path, kind=CAUSAL, **kwargs).to(device).eval()
+    splits, _ = prepare_splits(recipe, tokenizer, seed=config.seed)
+    settings = sampling_config(teacher, tokenizer, config.max_new_tokens, config.generation_temperature,
+                               do_sample=config.seq_kd_sampling)
+    limit = getattr(teacher.config.get_text_config(), "max_position_embeddings", None)
+    collator, train = default_collator(CAUSAL, tokenizer), model_columns(splits["train"])
+    responses = []
+    for start in range(0, len(train), batch_size):
+        prompts = prompts_of(collator([train[i] for i in range(start, min(start + batch_size, len(train)))]))
+        inputs = left_padded(prompts, settings.pad_token_id, device)
+        width = inputs["input_ids"].shape[1]
+        room = settings.max_new_tokens if not isinstance(limit, int) else min(settings.max_new_tokens, limit - width)
+        with torch.no_grad(), torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+            torch.manual_seed(generation_seed(config.seed, 0, start // batch_size, 0))  # sampled runs repeat
+            output = teacher.generate(**inputs, generation_config=settings, max_new_tokens=max(room, 1))
+        batch = responses_batch(prompts, output[:, width:], settings.eos_token_id, settings.pad_token_id)
+        for labels in batch["labels"].tolist():
+            tokens = [token for token in labels if token != -100]
+            # Training appends the EOS again after the response text.
+            responses.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    data = DatasetDict({
+        "train": Dataset.from_dict({"prompt": splits["train"]["prompt"], "response": responses}),
+        **{name: splits[name].select_columns(["prompt", "response"]) for name in ("eval", "test")},
+    })
+    data.save_to_disk(output_dir)
+    info = {"teacher": config.teacher_model_name_or_path, "max_new_tokens": config.max_new_tokens,
+            "decoding": f"sampled at {config.generation_temperature}" if config.seq_kd_sampling else "greedy",
+            "seed": config.seed, "rows": {name: len(split) for name, split in data.items()}}
+    with open(os.path.join(output_dir, "targets_info.json"), "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2)
+    return output_dir
 
 
 def prune_from_files(teacher_path, data_files, text_column, rows, max_length, num_layers=None, intermediate_size=None):

@@ -345,8 +345,16 @@ def load_raw_splits(recipe: RecipeArguments, seed: int = 42):
 
 
 def to_task_rows(dataset, recipe: RecipeArguments):
-    """Rename the user's columns into the task's fields: prompt/response, source/target or text/label."""
+    """Rename the user's columns into the task's fields: prompt/response, source/target or text/label.
+
+    Causal rows that hold prompt/response columns but not the recipe's `translation_column` (the folder written by
+    `hf-distill generate-targets`) are read as prompt → response.
+    """
     columns = dataset.column_names
+    if recipe.translation_column and recipe.task == CAUSAL and recipe.translation_column not in columns and {
+        recipe.prompt_column, recipe.response_column
+    } <= set(columns):
+        recipe = dataclasses.replace(recipe, translation_column=None)
 
     def require(*names):
         missing = [n for n in names if n not in columns]
