@@ -208,7 +208,8 @@ class DistillationConfig(TrainingArguments):
             "help": "Sequence-level distillation (Kim & Rush): the teacher answers each batch's prompts (greedy, up to "
             "max_new_tokens) and the student trains on those responses instead of the dataset's: CE on the teacher's "
             "tokens plus the KD term. With lmbda > 0, on-policy steps use the student's responses and the others the "
-            "teacher's (as TRL's GKD seq_kd). Causal LMs with a live teacher; prompt-only datasets then suffice."
+            "teacher's (as TRL's GKD seq_kd). Causal LMs (or seq2seq: the teacher writes each source's target) with a "
+            "live teacher; prompt-only datasets then suffice."
         },
     )
     seq_kd_sampling: bool = field(

@@ -101,7 +101,7 @@ def check_train_dataset(dataset, kind: str, name: str = "train_dataset", models=
     """Raise before training on a dataset that cannot train; warn about rows that add nothing.
 
     With `models` (student, teacher), also check that token ids, class ids and row lengths fit every model.
-    `prompts_suffice` (on-policy training with lmbda=1, whose targets are generated) accepts prompt-only rows.
+    `prompts_suffice` (lmbda=1 or seq_kd, whose targets are generated) accepts prompt-only rows.
     """
     if dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, dict):
         return
@@ -122,7 +122,7 @@ def check_train_dataset(dataset, kind: str, name: str = "train_dataset", models=
                 f"{unlabeled} of {len(dataset)} rows of {name} have no label (no 'labels'/'label' column, None, or -100): "
                 "they are distilled from the teacher alone (KD, no CE)."
             )
-    if kind == SEQ2SEQ and "labels" not in columns:
+    if kind == SEQ2SEQ and "labels" not in columns and not prompts_suffice:  # seq_kd writes them
         raise ValueError(
             f"{name} has columns {columns} but no 'labels': a seq2seq model needs target token ids; add them with "
             "tokenizer(text_target=targets)."

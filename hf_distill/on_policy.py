@@ -103,3 +103,10 @@ def responses_batch(prompts: list[list[int]], generated: torch.Tensor, eos_ids, 
         batch["attention_mask"].append([1] * (len(prompt) + len(response)) + [0] * pad)
         batch["labels"].append([-100] * len(prompt) + response + [-100] * pad)
     return {key: torch.tensor(value, dtype=torch.long, device=generated.device) for key, value in batch.items()}
+
+
+def response_labels(generated: torch.Tensor, eos_ids) -> torch.Tensor:
+    """Seq2seq targets from generated decoder tokens: each row up to and including its first EOS, then -100."""
+    eos = torch.isin(generated, torch.tensor(list(eos_ids or []), dtype=generated.dtype, device=generated.device))
+    after_eos = (eos.cumsum(1) - eos.long()) > 0  # positions after the first EOS
+    return generated.masked_fill(after_eos, -100)

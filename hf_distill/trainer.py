@@ -33,7 +33,15 @@ from .loss import (
     normalized_weights,
 )
 from .model_card import distillation_model_card
-from .on_policy import generation_seed, is_on_policy_step, left_padded, prompts_of, responses_batch, sampling_config
+from .on_policy import (
+    generation_seed,
+    is_on_policy_step,
+    left_padded,
+    prompts_of,
+    response_labels,
+    responses_batch,
+    sampling_config,
+)
 from .quantization import prepare_qat, quantize_in_place
 from .sharding import head_is_shardable, prepare_teacher, whole_heads
 from .pruning import describe_student
@@ -353,18 +361,24 @@ class DistillationTrainer(Trainer):
                 do_sample=self.args.seq_kd_sampling if by_teacher else True,
             )
         config = self._generation_configs[name]
-        prompts = prompts_of(batch)
-        inputs = left_padded(prompts, config.pad_token_id, self.args.device)
+        seq2seq = self.task_kind == SEQ2SEQ  # seq_kd: the teacher writes the target of the encoder's input
+        if seq2seq:
+            inputs = {key: batch[key].to(self.args.device) for key in ("input_ids", "attention_mask") if key in batch}
+            width = 1  # the decoder starts from its start token
+        else:
+            prompts = prompts_of(batch)
+            inputs = left_padded(prompts, config.pad_token_id, self.args.device)
+            width = inputs["input_ids"].shape[1]
         # Prompt + response must fit every model's positions (learned position embeddings fail beyond them).
-        width = inputs["input_ids"].shape[1]
         limits = [getattr(unwrap_model(m).config.get_text_config(), "max_position_embeddings", None)
                   for m in (self.model, *self.teachers)]
         limit = min((n for n in limits if isinstance(n, int)), default=width + config.max_new_tokens)
         room = limit - width
         if room < 1:
             raise ValueError(
-                f"{'seq_kd' if by_teacher else 'On-policy'} step {self.state.global_step}: a prompt of {width} tokens leaves no room to generate within "
-                f"{limit} positions (max_position_embeddings of the student or teacher); truncate the prompts shorter."
+                f"{'seq_kd' if by_teacher else 'On-policy'} step {self.state.global_step}: a prompt of {width} tokens "
+                f"leaves no room to generate within {limit} positions (max_position_embeddings of the student or "
+                "teacher); truncate the prompts shorter."
             )
         seed = generation_seed(self.args.seed, self.state.global_step, micro_batch, self.args.process_index)
         # Sampling draws from its own seeded RNG: the training RNG (dropout) stays as it was, and resuming repeats it.
@@ -377,6 +391,8 @@ class DistillationTrainer(Trainer):
                 output = generator.generate(**inputs, generation_config=config, max_new_tokens=min(config.max_new_tokens, room))
         finally:
             generator.train(was_training)
+        if seq2seq:  # the output starts with the decoder's start token, which is no target
+            return {**inputs, "labels": response_labels(output[:, 1:], config.eos_token_id)}
         generated = output[:, inputs["input_ids"].shape[1] :]
         return responses_batch(prompts, generated, config.eos_token_id, config.pad_token_id)
 
@@ -737,9 +753,10 @@ def _check_on_policy(args: DistillationConfig, kind, processing_class) -> None:
     setting = " with ".join(([f"lmbda={args.lmbda}"] if args.lmbda else []) + (["seq_kd=True"] if args.seq_kd else []))
     off = " and ".join((["lmbda=0"] if args.lmbda else []) + (["seq_kd=False"] if args.seq_kd else []))
     whose = " and ".join((["the student's"] if args.lmbda else []) + (["the teacher's"] if args.seq_kd else []))
-    if kind != CAUSAL:
+    if kind != CAUSAL and (args.lmbda or kind != SEQ2SEQ):  # the teacher may write a seq2seq target, too
+        works = "causal LMs" if args.lmbda else "causal LMs and seq2seq models"
         raise ValueError(
-            f"{setting} trains on {whose} generated responses, which works with causal LMs; this student is a {kind} "
+            f"{setting} trains on {whose} generated responses, which works with {works}; this student is a {kind} "
             f"model. Set {off}."
         )
     if args.teacher_cache is not None:

@@ -11,7 +11,7 @@ from hf_distill.on_policy import is_on_policy_step
 
 from test_on_policy import EOS, make_trainer, prompt_only_dataset, ragged_prompts, record_batches, record_generate, response_of, weights
 from test_cli import causal_dirs  # noqa: F401  (a fixture)
-from test_trainer import config, tiny_t5
+from test_trainer import config, tiny_classifier, tiny_t5
 
 
 def test_seq_kd_trains_on_the_teachers_greedy_tokens(tmp_path, causal_pair, tokenizer):
@@ -81,11 +81,44 @@ def test_seq_kd_with_lmbda_and_sampling(tmp_path, causal_pair, causal_dataset, t
     assert [log["on_policy_fraction"] for log in trainer.state.log_history if "loss" in log] == [0.0, 0.0, 1.0, 1.0]
 
 
+def test_seq2seq_trains_on_the_teachers_decoder_tokens(tmp_path, tokenizer):
+    """A seq2seq teacher writes the target of each source: its generated decoder tokens become the labels."""
+    from datasets import Dataset
+
+    from conftest import english_lines, sharpen
+
+    teacher, student = sharpen(tiny_t5(len(tokenizer), 64, 2, seed=0), 5.0), tiny_t5(len(tokenizer), 32, 1, seed=1)
+    sources = tokenizer(english_lines(8), truncation=True, max_length=16)
+    dataset = Dataset.from_dict(dict(sources))  # sources only: seq_kd writes the targets
+    calls = record_generate(teacher)
+    trainer = make_trainer(tmp_path, teacher, student, dataset, tokenizer, seq_kd=True, alpha=0.5, max_new_tokens=5)
+    batches = record_batches(trainer)
+    before = weights(student)
+    trainer.train()
+    assert len(calls) == len(batches) == 2
+    for call, (batch, counts) in zip(calls, batches):
+        assert not call["training"] and not call["grad"] and not call["config"].do_sample
+        assert torch.equal(batch["input_ids"], call["input_ids"])  # the encoder reads the source as given
+        for row, output in enumerate(call["output"].tolist()):
+            expected = response_of(output[1:])  # after the decoder start token, up to the first EOS
+            labels = batch["labels"][row].tolist()
+            assert labels[: len(expected)] == expected and all(label == -100 for label in labels[len(expected) :])
+        assert int(counts[0]) == int(counts[1]) == int((batch["labels"] != -100).sum()) > 0
+    assert not torch.equal(weights(student), before)
+    assert all(log["ce_loss"] > 0 and log["kd_loss"] > 0 for log in trainer.state.log_history if "loss" in log)
+
+
 def test_seq_kd_refusals(tmp_path, causal_pair, causal_dataset, tokenizer):
     teacher, student = causal_pair
-    with pytest.raises(ValueError, match=r"seq_kd=True trains on the teacher.s generated responses.*seq2seq model\. Set seq_kd=False"):
-        DistillationTrainer(model=tiny_t5(len(tokenizer), 32, 1, seed=1), teacher_model=tiny_t5(len(tokenizer), 32, 1, seed=0),
+    with pytest.raises(ValueError, match=r"seq_kd=True trains on the teacher's generated responses, which works with "
+                       r"causal LMs and seq2seq models; this student is a classification model\. Set seq_kd=False"):
+        DistillationTrainer(model=tiny_classifier(len(tokenizer), 32, 1, seed=1),
+                            teacher_model=tiny_classifier(len(tokenizer), 32, 1, seed=0),
                             args=config(tmp_path, seq_kd=True), processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"lmbda=0\.5 with seq_kd=True trains on the student's and the teacher's generated "
+                       r"responses, which works with causal LMs; this student is a seq2seq model"):
+        DistillationTrainer(model=tiny_t5(len(tokenizer), 32, 1, seed=1), teacher_model=tiny_t5(len(tokenizer), 32, 1, seed=0),
+                            args=config(tmp_path, seq_kd=True, lmbda=0.5), processing_class=tokenizer)
     with pytest.raises(ValueError, match=r"seq_kd=True needs the teacher live.*Drop teacher_cache, or set seq_kd=False"):
         DistillationTrainer(model=student, args=config(tmp_path, seq_kd=True, teacher_cache=str(tmp_path / "cache")),
                             train_dataset=causal_dataset, processing_class=tokenizer)
