@@ -330,6 +330,7 @@ class DistillationTrainer(Trainer):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
+        on_policy = False
         if batch_samples and self.args.lmbda > 0:
             # One decision for the whole step, so its micro-batches (and processes) are all on- or off-policy.
             on_policy = is_on_policy_step(self.args.lmbda, self.args.seed, self.state.global_step)
@@ -337,9 +338,7 @@ class DistillationTrainer(Trainer):
             self._on_policy_steps[1] += 1
             if on_policy:
                 batch_samples = [self._generated_batch(batch, i) for i, batch in enumerate(batch_samples)]
-        else:
-            on_policy = False
-        if batch_samples and self.args.seq_kd and not on_policy:
+        if batch_samples and self.args.seq_kd and not on_policy:  # the other steps: the teacher's responses
             batch_samples = [self._generated_batch(batch, i, by_teacher=True) for i, batch in enumerate(batch_samples)]
         if not batch_samples or "labels" not in batch_samples[0]:
             return batch_samples, None
@@ -350,7 +349,8 @@ class DistillationTrainer(Trainer):
 
     def _generated_batch(self, batch: dict[str, Any], micro_batch: int, by_teacher: bool = False) -> dict[str, torch.Tensor]:
         """The batch's prompts followed by the student's sampled responses, or with `by_teacher` the teacher's (greedy
-        unless `seq_kd_sampling`); labels on the responses only."""
+        unless `seq_kd_sampling`); labels on the responses only. A seq2seq batch keeps its sources and takes the
+        teacher's decoder tokens as labels."""
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         # Drops DDP (and a DeepSpeed engine); a PEFT model generates with its adapters.
         generator = self.accelerator.unwrap_model(self.teachers[0] if by_teacher else self.model)
