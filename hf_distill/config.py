@@ -164,9 +164,10 @@ class DistillationConfig(TrainingArguments):
             "help": "A teacher with another tokenizer. None (default): the tokenizers must match (checked). 'uld': "
             "Universal Logit Distillation, the L1 distance between the two models' sorted probability vectors, on "
             "response positions paired in order (the k-th target token of each tokenization, cut to the shorter); "
-            "it replaces loss_type's divergence. Each row is tokenized again by the teacher's tokenizer (from "
-            "teacher_processing_class or the teacher's folder). Causal LMs, one live teacher. 'align' is not "
-            "implemented yet.",
+            "it replaces loss_type's divergence. 'align': only response tokens covering the same characters in both "
+            "tokenizations are distilled, with loss_type's divergence over the tokens both vocabularies spell alike "
+            "(plus one bucket for the rest). Each row is tokenized again by the teacher's tokenizer (from "
+            "teacher_processing_class or the teacher's folder). Causal LMs, one live teacher.",
             "choices": [None, *CROSS_TOKENIZER],
         },
     )
@@ -289,10 +290,11 @@ class DistillationConfig(TrainingArguments):
             return
         if value not in CROSS_TOKENIZER:
             raise ValueError(f"cross_tokenizer={value!r}; choose one of {', '.join(CROSS_TOKENIZER)}, or None (one tokenizer).")
-        if value == "align":
-            raise NotImplementedError(
-                "cross_tokenizer='align' is not implemented yet; use cross_tokenizer='uld' for a teacher with another "
-                "tokenizer."
+        if value == "align" and self.loss_type in ("mse", "cosine"):
+            raise ValueError(
+                f"cross_tokenizer='align' compares probabilities over the tokens both vocabularies share, but "
+                f"loss_type={self.loss_type!r} compares raw logits: choose forward_kl, reverse_kl, jsd, skew_kl, "
+                "skew_reverse_kl or tvd."
             )
         conflicts = [
             (self.teacher_cache is not None, f"teacher_cache={self.teacher_cache!r}", "a cache holds the logits of one "

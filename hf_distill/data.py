@@ -11,6 +11,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 from transformers.utils import logging
 
+from .loss.cross_tokenizer import one_to_one_spans
 from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, unwrap_model
 
 logger = logging.get_logger(__name__)
@@ -232,12 +233,17 @@ class CrossTokenizerCollator:
     token. A response ending in the student's EOS ends in the teacher's. A row without a prompt keeps its first
     response token out of the teacher's targets too, as a causal student never predicts its first token.
     Teacher rows longer than `max_length` (the teacher's positions) are cut at the end.
+
+    With `align`, only response tokens covering exactly the same characters in both tokenizations stay targets of
+    the KD term: `teacher_labels` keep the teacher's, and `aligned_labels` (the student's labels, -100 elsewhere)
+    the student's; the student's own `labels`, and so its CE term, are unchanged.
     """
 
     collator: Any
     student_tokenizer: Any
     teacher_tokenizer: Any
     max_length: int | None = None
+    align: bool = False
 
     def __post_init__(self):
         self.student_tokenizer = getattr(self.student_tokenizer, "tokenizer", self.student_tokenizer)
@@ -250,8 +256,9 @@ class CrossTokenizerCollator:
                 "rows with; set teacher_tokenizer.pad_token."
             )
 
-    def teacher_row(self, feature: dict[str, Any]) -> tuple[list[int], list[int]]:
-        """(teacher ids, teacher labels) of one row: its prompt and response text in the teacher's tokens."""
+    def teacher_row(self, feature: dict[str, Any]) -> tuple[list[int], list[int], list[int] | None]:
+        """(teacher ids, teacher labels, the student's aligned labels with `align`) of one row: its prompt and
+        response text in the teacher's tokens."""
         ids = list(feature["input_ids"])
         labels = list(feature["labels"]) if feature.get("labels") is not None else list(ids)
         mask = feature.get("attention_mask")
@@ -265,28 +272,48 @@ class CrossTokenizerCollator:
         )
         teacher = self.teacher_tokenizer
         prompt_ids = teacher(decode(ids[:start]), add_special_tokens=True)["input_ids"]
-        response_ids = teacher(decode(response[:-1] if ends_with_eos else response), add_special_tokens=False)["input_ids"]
+        text_tokens = response[:-1] if ends_with_eos else response
+        encoded = teacher(decode(text_tokens), add_special_tokens=False, return_offsets_mapping=self.align)
+        response_ids = encoded["input_ids"]
         if ends_with_eos and teacher.eos_token_id is not None:
             response_ids = response_ids + [teacher.eos_token_id]
-        labels = [-100] * len(prompt_ids) + response_ids
+        response_labels, aligned_labels = list(response_ids), None
+        if self.align:
+            # Character offsets in the response text: the teacher's from its tokenizer, the student's by decoding
+            # ever longer prefixes of its own tokens (the row's tokens need not be what its tokenizer would give).
+            student_ends = [len(decode(text_tokens[: k + 1])) for k in range(len(text_tokens))]
+            pairs = one_to_one_spans(student_ends, [end for _, end in encoded["offset_mapping"]])
+            if ends_with_eos and teacher.eos_token_id is not None:  # both EOS tokens end the text
+                pairs.append((len(text_tokens), len(response_ids) - 1))
+            kept_student, kept_teacher = {i for i, _ in pairs}, {j for _, j in pairs}
+            response_labels = [t if j in kept_teacher else -100 for j, t in enumerate(response_ids)]
+            aligned_labels = labels[:start] + [t if k in kept_student else -100 for k, t in enumerate(labels[start:])]
+        labels = [-100] * len(prompt_ids) + response_labels
         if start == 0 and prompt_ids and response_ids:  # the student's first token is no target: nor is the teacher's
             labels[len(prompt_ids)] = -100
         ids = prompt_ids + response_ids
         if self.max_length and len(ids) > self.max_length:  # the pairing then stops where the teacher's row does
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return ids, labels
+        return ids, labels, aligned_labels
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [self.teacher_row(feature) for feature in features]
         batch = self.collator(features)
-        length = max(len(ids) for ids, _ in rows)
+        length = max(len(ids) for ids, _, _ in rows)
         batch["teacher_input_ids"] = torch.tensor(
-            [ids + [self.teacher_pad_id] * (length - len(ids)) for ids, _ in rows], dtype=torch.long
+            [ids + [self.teacher_pad_id] * (length - len(ids)) for ids, _, _ in rows], dtype=torch.long
         )
         batch["teacher_attention_mask"] = torch.tensor(
-            [[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in rows], dtype=torch.long
+            [[1] * len(ids) + [0] * (length - len(ids)) for ids, _, _ in rows], dtype=torch.long
         )
-        batch["teacher_labels"] = torch.tensor([labels + [-100] * (length - len(labels)) for _, labels in rows], dtype=torch.long)
+        batch["teacher_labels"] = torch.tensor(
+            [labels + [-100] * (length - len(labels)) for _, labels, _ in rows], dtype=torch.long
+        )
+        if self.align:
+            width = batch["labels"].shape[1]
+            batch["aligned_labels"] = torch.tensor(
+                [aligned + [-100] * (width - len(aligned)) for _, _, aligned in rows], dtype=torch.long
+            )
         return batch
 
 

@@ -38,8 +38,9 @@ class TaskKind(str, Enum):
 
 CAUSAL, SEQ2SEQ, CLASSIFICATION = TaskKind.CAUSAL, TaskKind.SEQ2SEQ, TaskKind.CLASSIFICATION
 # Batch keys that describe targets (labels, a cached teacher's entries) rather than model inputs.
-# A teacher with another tokenizer gets its own tokenization of each row (`cross_tokenizer`).
-TEACHER_TOKEN_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels")
+# A teacher with another tokenizer gets its own tokenization of each row (`cross_tokenizer`); with 'align' the
+# student's labels kept for the KD term are `aligned_labels`.
+TEACHER_TOKEN_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "aligned_labels")
 TARGET_KEYS = ("labels", "num_items_in_batch", "teacher_ids", "teacher_logprobs", "teacher_lse", *TEACHER_TOKEN_KEYS)
 _AUTO_CLASSES = {
     CAUSAL: AutoModelForCausalLM,

@@ -30,6 +30,7 @@ from .loss import (
     TeacherOutput,
     aligned_response_masks,
     default_layer_map,
+    shared_vocabulary,
     normalized_weights,
 )
 from .model_card import distillation_model_card
@@ -128,7 +129,9 @@ class DistillationTrainer(Trainer):
         data_collator = data_collator or default_collator(self.task_kind, processing_class)
         if args.cross_tokenizer:  # each row also in the teacher's tokens
             limit = getattr(unwrap_model(teacher_model).config.get_text_config(), "max_position_embeddings", None)
-            data_collator = CrossTokenizerCollator(data_collator, processing_class, self.teacher_tokenizer, limit)
+            data_collator = CrossTokenizerCollator(
+                data_collator, processing_class, self.teacher_tokenizer, limit, align=args.cross_tokenizer == "align"
+            )
         # The rows are in the student's tokens; a teacher with another tokenizer gets its own from the collator.
         row_models = (model,) if args.cross_tokenizer else (model, *teachers)
         if args.seq_kd and len(teachers) > 1:
@@ -166,6 +169,7 @@ class DistillationTrainer(Trainer):
         self._use_chunks: dict[str, bool] = {}  # decided per model on the first batch
         self._metric_sums = {"train": None, "eval": None}
         self._on_policy_steps = [0, 0]  # (on-policy, all) optimizer steps since the last log
+        self._aligned_counts = {"train": [0, 0], "eval": [0, 0]}  # cross_tokenizer: (paired, response) positions
         self._generation_configs = {}  # the student's (on-policy) and the teacher's (seq_kd), built on first use
         self.teacher_names = _unique_names(teachers) if teachers else []  # short, for kd_loss/<name>
         if teachers:
@@ -232,9 +236,11 @@ class DistillationTrainer(Trainer):
                 "the teacher's tokenizer (teacher_processing_class=..., or a teacher folder that holds one)"
             )
             raise ValueError(f"{setting} tokenizes each row again for the teacher, so it needs both tokenizers: pass {missing}.")
-        if args.loss_type != "forward_kl":
+        if args.cross_tokenizer == "uld" and args.loss_type != "forward_kl":
             logger.warning(f"{setting} distills with the ULD distance; loss_type={args.loss_type!r} is not used.")
-        self.teacher_tokenizer = tokenizer
+        self.teacher_tokenizer, self.shared_vocabulary = tokenizer, None
+        if args.cross_tokenizer == "align":
+            self.shared_vocabulary = _shared_vocabulary(processing_class, tokenizer, student, teacher)
         return teacher
 
     def _resolve_layer_map(self, student, teacher, args) -> list[int] | None:
@@ -310,10 +316,19 @@ class DistillationTrainer(Trainer):
                 f"({', '.join(TEACHER_TOKEN_KEYS)}); this batch has only {sorted(inputs)}. A custom data_collator "
                 "must keep the keys that hf_distill.data.CrossTokenizerCollator adds."
             )
+        counted = student_mask is not None  # from _target_positions: counted for the aligned_fraction log line
         if student_mask is None:
             student_mask = target_positions(inputs["labels"], inputs.get("attention_mask"), CAUSAL)[2]
+        response_mask = student_mask
+        if "aligned_labels" in inputs:  # 'align': only the tokens whose span lines up with a teacher token
+            student_mask = student_mask & target_positions(inputs["aligned_labels"], inputs.get("attention_mask"), CAUSAL)[2]
         teacher_mask = target_positions(inputs["teacher_labels"], inputs["teacher_attention_mask"], CAUSAL)[2]
-        return aligned_response_masks(student_mask, teacher_mask)
+        kept_student, kept_teacher = aligned_response_masks(student_mask, teacher_mask)
+        if counted:
+            counts = self._aligned_counts["train" if self.model.training else "eval"]
+            counts[0] += int(kept_student.sum())
+            counts[1] += int(response_mask.sum())
+        return kept_student, kept_teacher
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch the micro-batches of one optimizer step and count their targets (CE, KD) over all of them.
@@ -473,11 +488,15 @@ class DistillationTrainer(Trainer):
         teacher_inputs = {"input_ids": inputs["teacher_input_ids"], "attention_mask": inputs["teacher_attention_mask"]}
         chunked = self._chunking_works("teacher", teacher, teacher_inputs)
         outputs = self._forward(teacher, teacher_inputs, chunked)
-        if not chunked:
-            return TeacherOutput(AlignedTeacher(outputs.logits[teacher_keep]))
-        head = unwrap_model(teacher).get_output_embeddings()
-        with whole_heads([(teacher, head, False)]):  # only the paired positions are projected
-            return TeacherOutput(AlignedTeacher(head(outputs.hidden_states[-1][teacher_keep])))
+        if chunked:
+            head = unwrap_model(teacher).get_output_embeddings()
+            with whole_heads([(teacher, head, False)]):  # only the paired positions are projected
+                logits = head(outputs.hidden_states[-1][teacher_keep])
+        else:
+            logits = outputs.logits[teacher_keep]
+        shared = self.shared_vocabulary
+        shared = None if shared is None else tuple(ids.to(logits.device) for ids in shared)
+        return TeacherOutput(AlignedTeacher(logits, shared))
 
     def _whole_heads(self, model, student: StudentOutput, teacher: TeacherOutput | None):
         """Gather the heads the chunked loss projects with (sharded under FSDP2); the student's stays for backward."""
@@ -673,6 +692,10 @@ class DistillationTrainer(Trainer):
         if mode == "train" and self._on_policy_steps[1]:
             logs["on_policy_fraction"] = round(self._on_policy_steps[0] / self._on_policy_steps[1], 4)
             self._on_policy_steps = [0, 0]
+        paired, response = self._aligned_counts[mode]
+        if response:  # cross_tokenizer: the share of response positions distilled (this process's)
+            logs[f"{'eval_' if mode == 'eval' else ''}aligned_fraction"] = round(paired / response, 4)
+            self._aligned_counts[mode] = [0, 0]
         super().log(logs, start_time)
 
     # ---- export -------------------------------------------------------------------------------------
@@ -813,6 +836,22 @@ def _check_several_teachers(args, n_teachers: int) -> None:
     if args.teacher_cache is not None:
         raise ValueError("teacher_cache holds one teacher's targets; with several teachers leave teacher_cache unset.")
     normalized_weights(args.teacher_weights, n_teachers)
+
+
+def _shared_vocabulary(student_tokenizer, teacher_tokenizer, student, teacher):
+    """cross_tokenizer='align': (student ids, teacher ids) of the tokens both vocabularies spell alike, within both
+    models' output rows; refused when there are none."""
+    student_vocab = getattr(student_tokenizer, "tokenizer", student_tokenizer).get_vocab()
+    teacher_vocab = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer).get_vocab()
+    student_ids, teacher_ids = shared_vocabulary(student_vocab, teacher_vocab)
+    fits = (student_ids < output_size(student)) & (teacher_ids < output_size(teacher))
+    if not bool(fits.any()):
+        raise ValueError(
+            f"cross_tokenizer='align' compares the tokens both vocabularies spell alike, but the student's "
+            f"{len(student_vocab)} tokens and the teacher's {len(teacher_vocab)} share none (a byte-level BPE and a "
+            "SentencePiece vocabulary spell words differently): use cross_tokenizer='uld'."
+        )
+    return student_ids[fits], teacher_ids[fits]
 
 
 def _name_or_path(model) -> str:

@@ -13,10 +13,17 @@ from transformers import AutoTokenizer
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.data import CausalLMCollator, CrossTokenizerCollator
-from hf_distill.loss import aligned_response_masks, uld_distance
-from hf_distill.loss.cross_tokenizer import AlignedTeacher, uld_blended_loss
+from hf_distill.loss import (
+    aligned_response_masks,
+    one_to_one_spans,
+    shared_vocabulary,
+    shared_vocabulary_divergence,
+    uld_distance,
+)
+from hf_distill.loss.cross_tokenizer import AlignedTeacher, aligned_blended_loss
 from hf_distill.modeling import CAUSAL, target_positions
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
+from hf_distill.trainer import _shared_vocabulary
 
 from conftest import english_lines, prompt_response_dataset, sharpen, spanish_lines
 from test_trainer import tiny_classifier, tiny_t5
@@ -108,7 +115,7 @@ def test_uld_blend_and_gradient_match_reference():
     kd_mask = torch.tensor([True, False, True, True, False, True])
     ce_mask = torch.tensor([True, True, True, True, False, True])
     targets = torch.tensor([1, 2, 3, 4, -100, 5])
-    loss, kd_sum, ce_sum = uld_blended_loss(
+    loss, kd_sum, ce_sum = aligned_blended_loss(
         student, AlignedTeacher(teacher), targets, kd_mask, ce_mask, 0.3 / 4, 0.7 / 5, temperature=2.0
     )
     uld = uld_reference(student.detach()[kd_mask].numpy(), teacher.numpy(), 2.0).sum()
@@ -125,7 +132,7 @@ def test_uld_blend_and_gradient_match_reference():
     reference.backward()
     torch.testing.assert_close(student.grad, probe.grad, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="4 aligned rows for 3 distilled student positions"):
-        uld_blended_loss(student, AlignedTeacher(teacher), targets, kd_mask & (targets != 5), ce_mask, 1.0, 0.0)
+        aligned_blended_loss(student, AlignedTeacher(teacher), targets, kd_mask & (targets != 5), ce_mask, 1.0, 0.0)
 
 
 # ---- (b) which positions are paired ---------------------------------------------------------------------
@@ -139,13 +146,15 @@ def test_aligned_masks_pair_kth_with_kth_truncated_to_the_shorter():
     assert kept_teacher.int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]]
 
 
-def pairs(student_tokenizer, teacher_tokenizer, prompt: str, response: str):
+def pairs(student_tokenizer, teacher_tokenizer, prompt: str, response: str, align: bool = False):
     """The collator's two tokenizations of one prompt/response row, and the (student, teacher) target tokens paired."""
     prompt_ids = student_tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = student_tokenizer(response, add_special_tokens=False)["input_ids"] + [student_tokenizer.eos_token_id]
     row = {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
-    batch = CrossTokenizerCollator(CausalLMCollator(0), student_tokenizer, teacher_tokenizer)([row])
-    student_targets, _, student_mask = target_positions(batch["labels"], batch["attention_mask"], CAUSAL)
+    batch = CrossTokenizerCollator(CausalLMCollator(0), student_tokenizer, teacher_tokenizer, align=align)([row])
+    assert batch["labels"].tolist() == [row["labels"]]  # the student's own labels (its CE) never change
+    student_labels = batch["aligned_labels"] if align else batch["labels"]
+    student_targets, _, student_mask = target_positions(student_labels, batch["attention_mask"], CAUSAL)
     teacher_targets, _, teacher_mask = target_positions(batch["teacher_labels"], batch["teacher_attention_mask"], CAUSAL)
     kept_student, kept_teacher = aligned_response_masks(student_mask, teacher_mask)
     teacher_tokens = teacher_tokenizer.convert_ids_to_tokens(batch["teacher_input_ids"][0].tolist())
@@ -165,6 +174,56 @@ def test_positions_paired_on_hand_checked_strings(student_tokenizer, teacher_tok
     _, _, paired = pairs(student_tokenizer, teacher_tokenizer, "And the", " earth was without form")
     assert paired == [("Ġ", "Ġe"), ("e", "ar"), ("ar", "th"), ("th", "Ġwas"), ("Ġw", "Ġwith"), ("a", "ou"), ("s", "t"),
                       ("Ġwi", "Ġfor"), ("th", "m"), ("ou", "</s>")]
+
+
+def test_align_pairs_tokens_spanning_the_same_characters():
+    """Spans close where both tokenizations end a token at the same character; one token a side is kept."""
+    # student "a|bc|d|ef" (ends 1 3 4 6), teacher "a|b|cd|ef" (ends 1 2 4 6), then both EOS (zero width)
+    assert one_to_one_spans([1, 3, 4, 6, 6], [1, 2, 4, 6, 6]) == [(0, 0), (3, 3), (4, 4)]
+    assert one_to_one_spans([2, 4], [1, 2, 3, 4]) == []  # every span is one token against two
+    assert one_to_one_spans([], [3]) == []
+
+
+def test_align_on_hand_checked_strings(student_tokenizer, teacher_tokenizer):
+    """" earth was without form</s>": the student spells it in 15 tokens, the teacher in 10; the tokens covering the
+    same characters in both are "ar", "th", "ou", "t", "m" and EOS ("Ġe" vs "Ġ"+"e", "Ġwas" vs "Ġw"+"a"+"s", ...)."""
+    _, labels, paired = pairs(student_tokenizer, teacher_tokenizer, "And the", " earth was without form", align=True)
+    assert paired == [("ar", "ar"), ("th", "th"), ("ou", "ou"), ("t", "t"), ("m", "m"), ("</s>", "</s>")]
+    assert sum(label != -100 for label in labels) == 6  # the teacher's other response tokens are not KD targets
+
+
+def test_shared_vocabulary_divergence_matches_float64_reference(student_tokenizer, teacher_tokenizer):
+    """Tokens spelled alike are compared one by one, the rest of each vocabulary as one bucket."""
+    student_ids, teacher_ids = shared_vocabulary(student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab())
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    shared = set(student_vocab) & set(teacher_vocab)
+    assert 0 < len(student_ids) == len(shared) < len(teacher_vocab)
+    inverse = {i: t for t, i in student_vocab.items()}
+    assert all(teacher_vocab[inverse[s]] == t for s, t in zip(student_ids.tolist(), teacher_ids.tolist()))
+    generator = torch.Generator().manual_seed(2)
+    student = torch.randn(5, len(student_vocab), generator=generator, dtype=torch.float64) * 2
+    teacher = torch.randn(5, len(teacher_vocab), generator=generator, dtype=torch.float64) * 2
+
+    def buckets(logits, ids, temperature):
+        z = logits / temperature
+        probs = np.exp(z - z.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        inside = probs[:, ids]
+        return np.concatenate([inside, 1 - inside.sum(-1, keepdims=True)], -1)
+
+    for loss_type, temperature in (("forward_kl", 1.0), ("reverse_kl", 2.0), ("jsd", 2.0)):
+        q = buckets(student.numpy(), student_ids.numpy(), temperature)
+        p = buckets(teacher.numpy(), teacher_ids.numpy(), temperature)
+        if loss_type == "forward_kl":
+            expected = (p * np.log(p / q)).sum(-1)
+        elif loss_type == "reverse_kl":
+            expected = (q * np.log(q / p)).sum(-1)
+        else:
+            m = 0.5 * (p + q)
+            expected = 0.5 * (p * np.log(p / m)).sum(-1) + 0.5 * (q * np.log(q / m)).sum(-1)
+        values = shared_vocabulary_divergence(student, teacher, student_ids, teacher_ids, loss_type=loss_type,
+                                              temperature=temperature, beta=0.5)
+        np.testing.assert_allclose(values.numpy(), temperature**2 * expected, rtol=1e-10)
 
 
 def test_row_without_prompt_keeps_first_token_out_on_both_sides(student_tokenizer, teacher_tokenizer):
@@ -219,7 +278,8 @@ def test_trainer_loss_matches_reference(tmp_path, student_tokenizer, teacher_tok
         assert trainer._use_chunks["teacher"] is chunked
 
 
-def test_gradient_accumulation_counts_paired_positions(tmp_path, student_tokenizer, teacher_tokenizer):
+@pytest.mark.parametrize("mode", ["uld", "align"])
+def test_gradient_accumulation_counts_paired_positions(tmp_path, student_tokenizer, teacher_tokenizer, mode):
     """One step of batch 8 equals batch 4 × accumulation 2: the KD term is divided by the paired positions of the step."""
     teacher, student = models(student_tokenizer, teacher_tokenizer)
     dataset = prompt_response_dataset(student_tokenizer, n=8)
@@ -227,7 +287,7 @@ def test_gradient_accumulation_counts_paired_positions(tmp_path, student_tokeniz
     for batch_size, accumulation in ((8, 1), (4, 2)):
         model = copy.deepcopy(student)
         make_trainer(
-            tmp_path, student_tokenizer, teacher_tokenizer, teacher, model, dataset, alpha=0.7,
+            tmp_path, student_tokenizer, teacher_tokenizer, teacher, model, dataset, alpha=0.7, cross_tokenizer=mode,
             per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd",
             learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant",
         ).train()
@@ -261,6 +321,42 @@ def test_distilled_student_moves_toward_the_teacher(tmp_path, student_tokenizer,
     assert teacher.training is False and all(not p.requires_grad for p in teacher.parameters())
 
 
+def test_align_with_one_tokenizer_is_the_ordinary_divergence(tmp_path, student_tokenizer):
+    """The same tokenizer on both sides: every token pairs with itself and the whole vocabulary is shared, so 'align'
+    gives exactly the divergence of a run without cross_tokenizer (the check on the pairing and the id mapping)."""
+    teacher = sharpen(small_llama(len(student_tokenizer), hidden_size=64, num_layers=2, seed=0))
+    student = small_llama(len(student_tokenizer), hidden_size=32, num_layers=1, seed=1)
+    dataset = prompt_response_dataset(student_tokenizer, n=8)
+    losses = {}
+    for mode in (None, "align"):
+        trainer = make_trainer(tmp_path, student_tokenizer, student_tokenizer, teacher, student, dataset, alpha=0.6,
+                               temperature=2.0, loss_type="jsd", cross_tokenizer=mode)
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            losses[mode] = trainer.compute_loss(student.eval(), batch)
+    assert batch["aligned_labels"].tolist() == batch["labels"].tolist()
+    torch.testing.assert_close(losses["align"], losses[None], rtol=1e-5, atol=1e-6)
+
+
+def test_align_training_lowers_the_divergence_and_logs_the_aligned_fraction(tmp_path, student_tokenizer, teacher_tokenizer):
+    """'align' on two tokenizers: the held-out divergence at the aligned positions falls by half, and the share of
+    response positions distilled is logged every step (here about a third of them line up)."""
+    teacher, student = models(student_tokenizer, teacher_tokenizer)
+    rows = prompt_response_dataset(student_tokenizer, n=48)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, train_dataset=rows.select(range(32)), eval_dataset=rows.select(range(32, 48)),
+        args=config(tmp_path, cross_tokenizer="align", alpha=1.0, max_steps=30, learning_rate=1e-2),
+        processing_class=student_tokenizer, teacher_processing_class=teacher_tokenizer,
+    )
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_kd_loss"] < 0.5 * before["eval_kd_loss"], (before, after)
+    assert 0.2 < after["eval_aligned_fraction"] < 0.6
+    logged = [entry["aligned_fraction"] for entry in trainer.state.log_history if "aligned_fraction" in entry]
+    assert len(logged) == 30 and all(0.2 < value < 0.6 for value in logged)
+
+
 def test_teacher_folder_brings_its_own_tokenizer(tmp_path, student_tokenizer, teacher_tokenizer):
     """A teacher given as a folder: its tokenizer is loaded from it; without cross_tokenizer the mismatch is refused."""
     teacher, student = models(student_tokenizer, teacher_tokenizer)
@@ -286,7 +382,7 @@ def test_teacher_folder_brings_its_own_tokenizer(tmp_path, student_tokenizer, te
     "settings, error, message",
     [
         (dict(cross_tokenizer="bpe"), ValueError, r"cross_tokenizer='bpe'; choose one of uld, align, or None"),
-        (dict(cross_tokenizer="align"), NotImplementedError, r"'align' is not implemented yet; use cross_tokenizer='uld'"),
+        (dict(cross_tokenizer="align", loss_type="mse"), ValueError, r"loss_type='mse' compares raw logits: choose"),
         (dict(teacher_cache="cache"), ValueError, r"teacher_cache='cache'.*drop teacher_cache"),
         (dict(hidden_loss_weight=1.0), ValueError, r"hidden_loss_weight=1\.0.*set hidden_loss_weight=0"),
         (dict(teacher_model_name_or_path="a,b"), ValueError, r"2 teachers: distill from one teacher"),
@@ -320,3 +416,14 @@ def test_trainer_refusals(tmp_path, student_tokenizer, teacher_tokenizer):
         build(teacher_processing_class=None)
     with pytest.raises(ValueError, match=r"needs both tokenizers: pass the student's tokenizer \(processing_class"):
         build(processing_class=None, data_collator=CausalLMCollator(0))
+
+
+    class Vocabulary:  # tokenizers that spell no token alike (a byte-level BPE and a SentencePiece, say)
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    with pytest.raises(ValueError, match=r"share none .*: use cross_tokenizer='uld'"):
+        _shared_vocabulary(Vocabulary({"▁the": 5}), Vocabulary({"Ġthe": 5}), student, teacher)

@@ -6,7 +6,7 @@
           → buckets      (divergences against a cached top-k teacher)
               → divergences  (the math on log-probabilities)
           → ensemble     (several teachers: their mixture, or the sum of their divergences)
-      → cross_tokenizer  (a teacher with another tokenizer: ULD on positions aligned on the response)
+      → cross_tokenizer  (a teacher with another tokenizer: ULD, or spans that line up over a shared vocabulary)
       → hidden     (the intermediate-layer term)
 """
 
@@ -22,7 +22,15 @@ from .blended import (
     token_divergence,
 )
 from .buckets import CachedTeacher, tail_log_mass, top_k_entries
-from .cross_tokenizer import CROSS_TOKENIZER, AlignedTeacher, aligned_response_masks, uld_distance
+from .cross_tokenizer import (
+    CROSS_TOKENIZER,
+    AlignedTeacher,
+    aligned_response_masks,
+    one_to_one_spans,
+    shared_vocabulary,
+    shared_vocabulary_divergence,
+    uld_distance,
+)
 from .divergences import LOSS_TYPES, check_loss_settings, cross_entropy_per_position
 from .ensemble import MULTI_TEACHER, TeacherEnsemble, mixture_logits, normalized_weights
 from .hidden import HIDDEN_LOSS_TYPES, default_layer_map
@@ -32,7 +40,8 @@ __all__ = [
     "AlignedTeacher", "CROSS_TOKENIZER", "CachedTeacher", "DistillationLoss", "HIDDEN_LOSS_TYPES", "LOSS_TYPES",
     "LossOutput", "LossSettings", "MULTI_TEACHER",
     "PositionTargets", "StudentOutput", "TeacherEnsemble", "TeacherHidden", "TeacherLogits", "TeacherOutput",
-    "aligned_response_masks", "blended_loss", "mixture_logits", "normalized_weights", "uld_distance",
+    "aligned_response_masks", "blended_loss", "mixture_logits", "normalized_weights", "one_to_one_spans",
+    "shared_vocabulary", "shared_vocabulary_divergence", "uld_distance",
     "check_loss_settings", "chunked_blended_loss", "cross_entropy_per_position", "default_chunk_size",
     "default_layer_map", "distillation_loss", "tail_log_mass", "token_divergence", "top_k_entries",
 ]

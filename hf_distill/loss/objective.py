@@ -26,7 +26,7 @@ from .blended import (
     chunked_blended_loss,
     default_chunk_size,
 )
-from .cross_tokenizer import AlignedTeacher, uld_blended_loss
+from .cross_tokenizer import AlignedTeacher, aligned_blended_loss
 from .divergences import check_loss_settings
 from .ensemble import TeacherEnsemble, check_reduction, normalized_weights
 from .hidden import HIDDEN_LOSS_TYPES, hidden_state_sum
@@ -140,12 +140,14 @@ class DistillationLoss:
 
     def __call__(self, student: StudentOutput, teacher: TeacherOutput | None, positions: PositionTargets) -> LossOutput:
         distribution = None if teacher is None else teacher.distribution
-        if isinstance(distribution, AlignedTeacher):  # another tokenizer: ULD on aligned positions, whole logits
+        if isinstance(distribution, AlignedTeacher):  # another tokenizer: aligned positions, whole logits
             head = student.head
             logits = student.logits if head is None else F.linear(student.hidden, head.weight, head.bias)
-            loss, kd_sum, ce_sum = uld_blended_loss(
+            settings = self.settings
+            loss, kd_sum, ce_sum = aligned_blended_loss(
                 logits, distribution, positions.targets, positions.kd_mask, positions.ce_mask, positions.kd_scale,
-                positions.ce_scale, self.settings.temperature,
+                positions.ce_scale, loss_type=settings.loss_type, temperature=settings.temperature, beta=settings.beta,
+                skew=settings.skew,
             )
             members = None
         elif student.head is not None:
