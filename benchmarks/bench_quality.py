@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -58,12 +59,29 @@ ARMS = {
     "pruned/hidden_3": dict(student="pruned", alpha=0.5, hidden_loss_weight=3.0),
     "pruned/no_teacher@lr_1.5e-3": dict(student="pruned", alpha=0.0, learning_rate=1.5e-3, warmup_steps=6),
     "pruned/hidden@lr_1.5e-3": dict(student="pruned", alpha=0.5, hidden_loss_weight=1.0, learning_rate=1.5e-3, warmup_steps=6),
+    # Quantization: post-training (`ptq`: the trained float student quantized at export) against quantization-aware
+    # distillation (`student_quantization`: trained with fake-quantized weights, exported quantized).
+    "pruned/hidden+ptq": dict(student="pruned", alpha=0.5, hidden_loss_weight=1.0, ptq=["int8", "int4"]),
+    "pruned/hidden+qat_int8": dict(student="pruned", alpha=0.5, hidden_loss_weight=1.0, student_quantization="int8"),
+    "pruned/hidden+qat_int4": dict(student="pruned", alpha=0.5, hidden_loss_weight=1.0, student_quantization="int4"),
+    # Teacher-assistant chain (30 -> 20 -> 10 layers) and several teachers: `ta20/hidden` distills a 20-layer
+    # assistant from the teacher and keeps it for the arms after it (same seed, same invocation); `teachers` names
+    # whom an arm distills from ("assistant": the chain's second stage, its student pruned from the assistant;
+    # "teacher+assistant": both at once).
+    "ta20/hidden": dict(student="pruned", student_num_layers=20, alpha=0.5, hidden_loss_weight=1.0, keep_as_assistant=True),
+    "chain/hidden": dict(student="pruned", alpha=0.5, hidden_loss_weight=1.0, teachers="assistant"),
+    "chain/defaults": dict(student="pruned", alpha=0.5, teachers="assistant"),
+    "multi/mean_probs": dict(student="pruned", alpha=0.5, teachers="teacher+assistant", multi_teacher="mean_probs"),
+    "multi/mean_loss": dict(student="pruned", alpha=0.5, teachers="teacher+assistant", multi_teacher="mean_loss"),
     "lr_5e-4/no_teacher": dict(student="cut", alpha=0.0, learning_rate=5e-4),
     "lr_5e-4/defaults": dict(student="cut", alpha=0.5, learning_rate=5e-4),
 }
 DEFAULT_ARMS = "no_teacher,defaults,hidden,pruned/no_teacher,pruned/defaults,pruned/hidden"
 # The no-teacher baseline's best learning rate in a sweep (5e-4, 1e-3, 2e-3; benchmarks/RESULTS.md); every arm uses it.
 BASE = dict(learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0)
+
+
+ASSISTANTS = {}  # seed -> the teacher-assistant trained by `ta20/hidden` in this invocation
 
 
 def parse_args():
@@ -161,10 +179,19 @@ def run_arm(name, seed, teacher, tokenizer, train, held_out, calibration, args, 
     hf_logging.set_verbosity_error()
     settings = {**BASE, **ARMS[name]}
     kind = settings.pop("student")
+    ptq = settings.pop("ptq", [])
+    keep_as_assistant = settings.pop("keep_as_assistant", False)
+    teachers = settings.pop("teachers", "teacher")
     num_layers = settings.pop("student_num_layers", 10 if not args.quick else 2)
-    student = make_student(kind, teacher, calibration, num_layers)
+    if args.quick and keep_as_assistant:
+        num_layers = 4
+    if teachers != "teacher" and seed not in ASSISTANTS:
+        raise SystemExit(f"arm {name} needs the assistant: run ta20/hidden before it in --arms")
+    source = ASSISTANTS[seed] if teachers == "assistant" else teacher  # a chain's student is made from its teacher
+    student = make_student(kind, source, calibration, num_layers)
+    teacher = {"teacher": teacher, "assistant": source, "teacher+assistant": [teacher, ASSISTANTS.get(seed)]}[teachers]
     config = DistillationConfig(
-        output_dir=str(out_dir / name.replace("/", "_")), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        output_dir=str(out_dir / f"{name.replace('/', '_')}-seed{seed}-{os.getpid()}"), max_steps=args.steps, per_device_train_batch_size=args.batch,
         seed=seed, data_seed=seed, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10, disable_tqdm=True,
         dataloader_pin_memory=False, **settings,
     )
@@ -172,11 +199,40 @@ def run_arm(name, seed, teacher, tokenizer, train, held_out, calibration, args, 
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    return {
+    if keep_as_assistant:
+        ASSISTANTS[seed] = student.eval().requires_grad_(False)
+    row = {
         "arm": name, "seed": seed, "student": kind, "layers": student.config.distill_source_layers,
-        "settings": settings, "ppl": perplexity(student, held_out), "s_per_step": seconds / args.steps,
+        "settings": {**settings, **({"teachers": teachers} if teachers != "teacher" else {})}, "ppl": perplexity(student, held_out), "s_per_step": seconds / args.steps,
         "steps": args.steps, "batch": args.batch, "seq": args.seq,
+        **quantized_perplexities(trainer, ptq, held_out, Path(config.output_dir)),
     }
+    shutil.rmtree(config.output_dir, ignore_errors=True)  # exported students, measured above
+    return row
+
+
+def quantized_perplexities(trainer, ptq, held_out, out_dir) -> dict:
+    """Held-out perplexity and bytes of the exported quantized student: trained quantization-aware, or quantized after."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_distill.quantization import folder_bytes, save_quantized
+
+    results = {}
+    scheme = trainer.args.student_quantization
+    if scheme != "none":
+        trainer.save_model(str(out_dir / f"qat-{scheme}"))  # exported quantized
+        results[f"qat_{scheme}"] = str(out_dir / f"qat-{scheme}")
+    if ptq:
+        trainer.save_model(str(out_dir / "float"))
+        for scheme in ptq:
+            results[f"ptq_{scheme}"] = save_quantized(str(out_dir / "float"), str(out_dir / f"ptq-{scheme}"), scheme)
+    rows = {}
+    for key, folder in results.items():
+        rows[f"ppl_{key}"] = perplexity(AutoModelForCausalLM.from_pretrained(folder), held_out)
+        rows[f"bytes_{key}"] = folder_bytes(folder)
+    if ptq:
+        rows["bytes_float"] = folder_bytes(str(out_dir / "float"))
+    return rows
 
 
 def main():
@@ -205,7 +261,7 @@ def main():
     held_out = blocks(tokenizer, verses[-HELD_OUT_VERSES:], args.seq)
     held_out = held_out.select(range(min(args.heldout_blocks, len(held_out))))
     train = train.select(range(args.steps * args.batch))  # exactly the blocks the runs see
-    calibration = [{"input_ids": torch.tensor(train[i : i + 4]["input_ids"])} for i in range(0, 16, 4)]
+    calibration = [{"input_ids": torch.tensor(train[i : i + 4]["input_ids"])} for i in range(0, min(16, len(train)), 4)]
     teacher_ppl = perplexity(teacher, held_out)
     print(f"teacher held-out perplexity {teacher_ppl:.2f}; {len(train)} training blocks of {args.seq}", flush=True)
 
@@ -231,11 +287,16 @@ def twin_key(row):
 
 def print_table(rows, teacher_ppl):
     twins = {twin_key(r): r["ppl"] for r in rows if r["settings"].get("alpha") == 0.0 and not r["settings"].get("hidden_loss_weight")}
-    print("\n| arm | seed | student | held-out ppl | no-teacher twin | gap closed | s/step |\n|---|---|---|---|---|---|---|")
+    print("\n| arm | seed | student | held-out ppl | no-teacher twin | gap closed | s/step | quantized ppl (MB) |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         twin = twins.get(twin_key(r))
         closed = "" if twin is None else f"{100 * (twin - r['ppl']) / (twin - teacher_ppl):.0f}%"
-        print(f"| {r['arm']} | {r['seed']} | {r['student']} | {r['ppl']:.1f} | {'' if twin is None else f'{twin:.1f}'} | {closed} | {r['s_per_step']:.2f} |")
+        quantized = ", ".join(
+            f"{key[4:]} {r[key]:.1f} ({r['bytes_' + key[4:]] / 1e6:.0f})" for key in sorted(r) if key.startswith("ppl_")
+        )
+        print(f"| {r['arm']} | {r['seed']} | {r['student']} | {r['ppl']:.1f} | {'' if twin is None else f'{twin:.1f}'} | "
+              f"{closed} | {r['s_per_step']:.2f} | {quantized} |")
     print(f"teacher: {teacher_ppl:.1f}")
 
 
