@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .loss import CROSS_TOKENIZER, HIDDEN_LOSS_TYPES, LOSS_TYPES, MULTI_TEACHER, check_loss_settings, normalized_weights
+from .loss import CROSS_TOKENIZER, HIDDEN_LOSS_TYPES, LOSS_TYPES, MULTI_TEACHER, check_loss_settings, check_reduction, normalized_weights
 from .modeling import resolve_init_kwargs
 from .quantization import QUANTIZATION_SCHEMES, check_scheme
 
@@ -277,8 +277,7 @@ class DistillationConfig(TrainingArguments):
                 raise ValueError(f"teacher_model_name_or_path={teachers!r} must be a path or Hub id, or a non-empty list of them.")
             if len(teachers) == 1:
                 self.teacher_model_name_or_path = teachers[0]
-        if self.multi_teacher not in MULTI_TEACHER:
-            raise ValueError(f"multi_teacher={self.multi_teacher!r}; choose one of {', '.join(MULTI_TEACHER)}.")
+        check_reduction(self.multi_teacher)
         if self.teacher_weights is not None:
             count = len(teachers) if isinstance(teachers, list) else len(self.teacher_weights)
             normalized_weights(self.teacher_weights, count)

@@ -15,6 +15,7 @@ import copy
 
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -117,6 +118,8 @@ def whole_heads(heads: list[tuple[nn.Module, nn.Module, bool]]):
     """
     gathered = []
     for model, head, keep_for_backward in heads:
+        if not any(isinstance(parameter, DTensor) for parameter in head.parameters()):
+            continue  # whole already (no sharding, or FSDP kept it gathered): nothing to search for
         owner = fsdp2_owner(model, head)
         if owner is not None:
             owner.unshard()

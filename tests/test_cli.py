@@ -252,13 +252,19 @@ def test_seq2seq_recipe(tmp_path, tokenizer, capsys):
     assert rows[1]["parameters"] < rows[0]["parameters"] and "bleu" in rows[1]
 
 
-def test_classification_and_label_word_recipes(tmp_path, tokenizer):
-    texts = english_lines(80)
-    Dataset.from_dict({"sentence": texts, "label": [int("LORD" in t) for t in texts]}).to_csv(tmp_path / "sst.csv")
+def saved_classifiers(tmp_path, tokenizer):
+    """(teacher folder, student folder) of two tiny binary classifiers; the teacher's holds the tokenizer."""
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     sharpen(tiny_classifier(len(tokenizer), 32, 1, seed=0, num_labels=2), 5.0).save_pretrained(teacher_dir)
     tiny_classifier(len(tokenizer), 16, 1, seed=1, num_labels=2).save_pretrained(student_dir)
     tokenizer.save_pretrained(teacher_dir)
+    return teacher_dir, student_dir
+
+
+def test_classification_and_label_word_recipes(tmp_path, tokenizer):
+    texts = english_lines(80)
+    Dataset.from_dict({"sentence": texts, "label": [int("LORD" in t) for t in texts]}).to_csv(tmp_path / "sst.csv")
+    teacher_dir, student_dir = saved_classifiers(tmp_path, tokenizer)
     out = tmp_path / "classifier"
     assert main([
         "train", str(REPO / "recipes" / "sentiment_classifier.yaml"), "--teacher_model_name_or_path", str(teacher_dir),

@@ -74,15 +74,12 @@ def test_classifier_recipe_with_unlabeled_rows(tmp_path, tokenizer):
 
     from conftest import REPO
     from hf_distill.runner.cli import main
-    from test_cli import FAST
+    from test_cli import FAST, saved_classifiers
 
     texts = english_lines(48)
     labels = [None if i % 4 == 0 else int("LORD" in t) for i, t in enumerate(texts)]
     Dataset.from_dict({"sentence": texts, "label": labels}).to_json(tmp_path / "partly_labeled.jsonl")
-    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
-    sharpen(tiny_classifier(len(tokenizer), 32, 1, seed=0, num_labels=2), 5.0).save_pretrained(teacher_dir)
-    tiny_classifier(len(tokenizer), 16, 1, seed=1, num_labels=2).save_pretrained(student_dir)
-    tokenizer.save_pretrained(teacher_dir)
+    teacher_dir, student_dir = saved_classifiers(tmp_path, tokenizer)
     out = tmp_path / "run"
     assert main([
         "train", str(REPO / "recipes" / "sentiment_classifier.yaml"), "--teacher_model_name_or_path", str(teacher_dir),

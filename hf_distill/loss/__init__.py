@@ -32,7 +32,7 @@ from .cross_tokenizer import (
     uld_distance,
 )
 from .divergences import LOSS_TYPES, check_loss_settings, cross_entropy_per_position
-from .ensemble import MULTI_TEACHER, TeacherEnsemble, mixture_logits, normalized_weights
+from .ensemble import MULTI_TEACHER, TeacherEnsemble, check_reduction, mixture_logits, normalized_weights
 from .hidden import HIDDEN_LOSS_TYPES, default_layer_map
 from .objective import DistillationLoss, LossOutput, StudentOutput, TeacherOutput
 
@@ -42,6 +42,6 @@ __all__ = [
     "PositionTargets", "StudentOutput", "TeacherEnsemble", "TeacherHidden", "TeacherLogits", "TeacherOutput",
     "aligned_response_masks", "blended_loss", "mixture_logits", "normalized_weights", "one_to_one_spans",
     "shared_vocabulary", "shared_vocabulary_divergence", "uld_distance",
-    "check_loss_settings", "chunked_blended_loss", "cross_entropy_per_position", "default_chunk_size",
+    "check_loss_settings", "check_reduction", "chunked_blended_loss", "cross_entropy_per_position", "default_chunk_size",
     "default_layer_map", "distillation_loss", "tail_log_mass", "token_divergence", "top_k_entries",
 ]

@@ -62,13 +62,11 @@ def _config_field(name: str):
 
 
 @dataclass
-class TeacherArguments:
-    """The `DistillationConfig` fields `cache-teacher` reads: parsing them builds no `TrainingArguments`."""
+class _TeacherFields:
+    """The teacher and how it loads, shared by the commands that run a teacher without training."""
 
     teacher_model_name_or_path: str | None = _config_field("teacher_model_name_or_path")
     teacher_model_init_kwargs: dict[str, Any] | str | None = _config_field("teacher_model_init_kwargs")
-    temperature: float = _config_field("temperature")
-    distill_all_tokens: bool = _config_field("distill_all_tokens")
     seed: int = _config_field("seed")
 
     def __post_init__(self):
@@ -76,26 +74,31 @@ class TeacherArguments:
             self.teacher_model_init_kwargs = parse_init_kwargs(self.teacher_model_init_kwargs)
         except ValueError as error:
             raise UsageError(str(error)) from None
+
+
+@dataclass
+class TeacherArguments(_TeacherFields):
+    """The `DistillationConfig` fields `cache-teacher` reads: parsing them builds no `TrainingArguments`."""
+
+    temperature: float = _config_field("temperature")
+    distill_all_tokens: bool = _config_field("distill_all_tokens")
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.temperature <= 0:
             raise UsageError(f"temperature={self.temperature} must be > 0.")
 
 
 @dataclass
-class GenerateArguments:
+class GenerateArguments(_TeacherFields):
     """The `DistillationConfig` fields `generate-targets` reads: the teacher and how it answers."""
 
-    teacher_model_name_or_path: str | None = _config_field("teacher_model_name_or_path")
-    teacher_model_init_kwargs: dict[str, Any] | str | None = _config_field("teacher_model_init_kwargs")
     max_new_tokens: int = _config_field("max_new_tokens")
     seq_kd_sampling: bool = _config_field("seq_kd_sampling")
     generation_temperature: float = _config_field("generation_temperature")
-    seed: int = _config_field("seed")
 
     def __post_init__(self):
-        try:
-            self.teacher_model_init_kwargs = parse_init_kwargs(self.teacher_model_init_kwargs)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        super().__post_init__()
         if self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens={self.max_new_tokens} must be >= 1 tokens per response.")
         if not self.generation_temperature > 0:
