@@ -223,6 +223,10 @@ class CachedTeacherCollator:
         return batch
 
 
+# A row's prompt in a teacher's own tokens (cross_tokenizer), when the data carries it.
+TEACHER_PROMPT_COLUMN = "teacher_prompt_ids"
+
+
 @dataclass
 class CrossTokenizerCollator:
     """Wraps a causal collator: each row is also tokenized by a teacher with another tokenizer.
@@ -232,7 +236,9 @@ class CrossTokenizerCollator:
     `teacher_attention_mask` and `teacher_labels` (-100 on the prompt), right-padded with the teacher's pad
     token. A response ending in the student's EOS ends in the teacher's. A row without a prompt keeps its first
     response token out of the teacher's targets too, as a causal student never predicts its first token.
-    Teacher rows longer than `max_length` (the teacher's positions) are cut at the end.
+    Teacher rows longer than `max_length` (the teacher's positions) are cut at the end. A row may carry its prompt
+    in the teacher's tokens already (`teacher_prompt_ids`, which recipes write with the teacher's chat template);
+    only the response must then be tokenized again.
 
     With `align`, only response tokens covering exactly the same characters in both tokenizations stay targets of
     the KD term: `teacher_labels` keep the teacher's, and `aligned_labels` (the student's labels, -100 elsewhere)
@@ -271,7 +277,10 @@ class CrossTokenizerCollator:
             tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
         teacher = self.teacher_tokenizer
-        prompt_ids = teacher(decode(ids[:start]), add_special_tokens=True)["input_ids"]
+        prompt_ids = feature.get(TEACHER_PROMPT_COLUMN)
+        if prompt_ids is None:
+            prompt_ids = teacher(decode(ids[:start]), add_special_tokens=True)["input_ids"]
+        prompt_ids = list(prompt_ids)
         text_tokens = response[:-1] if ends_with_eos else response
         encoded = teacher(decode(text_tokens), add_special_tokens=False, return_offsets_mapping=self.align)
         response_ids = encoded["input_ids"]
@@ -298,7 +307,7 @@ class CrossTokenizerCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [self.teacher_row(feature) for feature in features]
-        batch = self.collator(features)
+        batch = self.collator([{k: v for k, v in feature.items() if k != TEACHER_PROMPT_COLUMN} for feature in features])
         length = max(len(ids) for ids, _, _ in rows)
         batch["teacher_input_ids"] = torch.tensor(
             [ids + [self.teacher_pad_id] * (length - len(ids)) for ids, _, _ in rows], dtype=torch.long

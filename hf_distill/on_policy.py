@@ -110,3 +110,42 @@ def response_labels(generated: torch.Tensor, eos_ids) -> torch.Tensor:
     eos = torch.isin(generated, torch.tensor(list(eos_ids or []), dtype=generated.dtype, device=generated.device))
     after_eos = (eos.cumsum(1) - eos.long()) > 0  # positions after the first EOS
     return generated.masked_fill(after_eos, -100)
+
+
+def generated_batch(generator, config: GenerationConfig, batch: dict[str, Any], device, *, seq2seq: bool = False,
+                    max_positions: int | None = None, seed: int = 0, synced: bool = False,
+                    what: str = "Generation") -> dict[str, torch.Tensor]:
+    """`batch`'s prompts followed by `generator`'s responses, as a training batch with labels on the responses only.
+
+    A seq2seq batch keeps its sources and takes the generated decoder tokens as labels. Generation runs in eval mode,
+    without grad, from its own RNG seeded by `seed`: the training RNG (dropout) stays as it was, and a resumed run
+    draws what the uninterrupted one drew. Responses are cut to fit `max_positions` (prompt + response). `synced`:
+    the generator is sharded across processes (FSDP, ZeRO-3), so each one's forwards gather parameters with the
+    others and every process must go on until all have finished their rows.
+    """
+    if seq2seq:
+        inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask") if key in batch}
+        width = 1  # the decoder starts from its start token
+    else:
+        prompts = prompts_of(batch)
+        inputs = left_padded(prompts, config.pad_token_id, device)
+        width = inputs["input_ids"].shape[1]
+    room = config.max_new_tokens if max_positions is None else min(config.max_new_tokens, max_positions - width)
+    if room < 1:
+        raise ValueError(
+            f"{what}: a prompt of {width} tokens leaves no room to generate within {max_positions} positions "
+            "(max_position_embeddings of the student or teacher); truncate the prompts shorter."
+        )
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    was_training = generator.training
+    generator.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            output = generator.generate(**inputs, generation_config=config, max_new_tokens=room,
+                                        synced_gpus=True if synced else None)  # None: transformers' own detection
+    finally:
+        generator.train(was_training)
+    if seq2seq:  # the output starts with the decoder's start token, which is no target
+        return {**inputs, "labels": response_labels(output[:, 1:], config.eos_token_id)}
+    return responses_batch(prompts, output[:, width:], config.eos_token_id, config.pad_token_id)

@@ -17,9 +17,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .cache import CACHE_COLUMNS, CacheSettings, load_cache
+from .checks import check_args, check_generation, check_quantized_student, check_several_teachers, check_some_labels
 from .checkpoints import DISTILL_STATE_NAME, resolve_resume
 from .config import DistillationConfig
-from .data import CachedTeacherCollator, CrossTokenizerCollator, check_train_dataset, default_collator, labeled_rows
+from .data import (
+    TEACHER_PROMPT_COLUMN,
+    CachedTeacherCollator,
+    CrossTokenizerCollator,
+    check_train_dataset,
+    default_collator,
+)
 from .loss import (
     AlignedTeacher,
     CachedTeacher,
@@ -31,18 +38,9 @@ from .loss import (
     aligned_response_masks,
     default_layer_map,
     shared_vocabulary,
-    normalized_weights,
 )
 from .model_card import distillation_model_card
-from .on_policy import (
-    generation_seed,
-    is_on_policy_step,
-    left_padded,
-    prompts_of,
-    response_labels,
-    responses_batch,
-    sampling_config,
-)
+from .on_policy import generated_batch, generation_seed, is_on_policy_step, sampling_config
 from .quantization import prepare_qat, quantize_in_place
 from .sharding import head_is_shardable, prepare_teacher, whole_heads
 from .pruning import describe_student
@@ -107,23 +105,19 @@ class DistillationTrainer(Trainer):
         peft_config=None,
         **kwargs,
     ):
-        args = _check_args(args)
+        args = check_args(args)
         if model is None:
             raise ValueError("DistillationTrainer needs a student model (a PreTrainedModel or a path).")
         model = load_model(model) if isinstance(model, str) else model
         self.task_kind = model_kind(model)
-        _check_on_policy(args, self.task_kind, processing_class)
+        check_generation(args, self.task_kind, processing_class)
         teachers = self._load_teachers(model, teacher_model, args, processing_class, teacher_processing_class)
         teacher_model = teachers[0] if teachers else None
         self.layer_map = self._resolve_layer_map(model, teacher_model, args)
         if peft_config is not None:
             model = _peft_student(model, peft_config)
         if args.student_quantization != "none":
-            if peft_config is not None:
-                raise ValueError(
-                    f"student_quantization={args.student_quantization!r} fake-quantizes the student's own weights, which "
-                    "a PEFT student keeps frozen: drop peft_config, or quantize after training (recipe field quantize)."
-                )
+            check_quantized_student(args, peft_config)
             prepare_qat(model, args.student_quantization)  # before the projections, which stay in float
         self._attach_projections(model, teacher_model)
         data_collator = data_collator or default_collator(self.task_kind, processing_class)
@@ -134,20 +128,10 @@ class DistillationTrainer(Trainer):
             )
         # The rows are in the student's tokens; a teacher with another tokenizer gets its own from the collator.
         row_models = (model,) if args.cross_tokenizer else (model, *teachers)
-        if args.seq_kd and len(teachers) > 1:
-            raise ValueError(
-                f"seq_kd=True trains on one teacher's responses, but {len(teachers)} teachers are given: distill from one "
-                "teacher, or set seq_kd=False."
-            )
         # With lmbda=1 or seq_kd every step trains on generated responses, so prompts alone make a training set.
         prompts_suffice = args.lmbda == 1 or args.seq_kd
         check_train_dataset(train_dataset, self.task_kind, models=row_models, prompts_suffice=prompts_suffice)
-        if self.task_kind == CLASSIFICATION and args.alpha == 0 and hasattr(train_dataset, "column_names"):
-            if labeled_rows(train_dataset, CLASSIFICATION) == 0:
-                raise ValueError(
-                    f"None of the {len(train_dataset)} rows of train_dataset has a label, and alpha=0 trains on labels "
-                    "only: set alpha > 0 to distill the unlabeled rows from the teacher, or add labels."
-                )
+        check_some_labels(args, train_dataset, self.task_kind)
         check_train_dataset(eval_dataset, self.task_kind, "eval_dataset", models=row_models)
         self.cache_info = None
         if args.teacher_cache is not None:
@@ -202,7 +186,7 @@ class DistillationTrainer(Trainer):
         if args.cross_tokenizer:
             return [self._load_other_tokenizer_teacher(student, teachers, tokenizers[0], args, processing_class)]
         if len(teachers) > 1:
-            _check_several_teachers(args, len(teachers))
+            check_several_teachers(args, len(teachers))
         loaded = []
         for teacher, tokenizer in zip(teachers, tokenizers):
             if isinstance(teacher, str):
@@ -291,7 +275,8 @@ class DistillationTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS, *TEACHER_TOKEN_KEYS]))
+        kept = [*CACHE_COLUMNS, *TEACHER_TOKEN_KEYS, TEACHER_PROMPT_COLUMN]  # read by the collators, not the model
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *kept]))
 
     # ---- targets ------------------------------------------------------------------------------------
 
@@ -363,53 +348,28 @@ class DistillationTrainer(Trainer):
         return batch_samples, counts
 
     def _generated_batch(self, batch: dict[str, Any], micro_batch: int, by_teacher: bool = False) -> dict[str, torch.Tensor]:
-        """The batch's prompts followed by the student's sampled responses, or with `by_teacher` the teacher's (greedy
-        unless `seq_kd_sampling`); labels on the responses only. A seq2seq batch keeps its sources and takes the
-        teacher's decoder tokens as labels."""
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        """The batch's prompts answered by the student (sampled), or with `by_teacher` by the teacher (greedy unless
+        `seq_kd_sampling`)."""
         # Drops DDP (and a DeepSpeed engine); a PEFT model generates with its adapters.
         generator = self.accelerator.unwrap_model(self.teachers[0] if by_teacher else self.model)
         name = "teacher" if by_teacher else "student"
         if name not in self._generation_configs:
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
             self._generation_configs[name] = sampling_config(
                 unwrap_model(generator), tokenizer, self.args.max_new_tokens, self.args.generation_temperature,
                 do_sample=self.args.seq_kd_sampling if by_teacher else True,
             )
-        config = self._generation_configs[name]
-        seq2seq = self.task_kind == SEQ2SEQ  # seq_kd: the teacher writes the target of the encoder's input
-        if seq2seq:
-            inputs = {key: batch[key].to(self.args.device) for key in ("input_ids", "attention_mask") if key in batch}
-            width = 1  # the decoder starts from its start token
-        else:
-            prompts = prompts_of(batch)
-            inputs = left_padded(prompts, config.pad_token_id, self.args.device)
-            width = inputs["input_ids"].shape[1]
         # Prompt + response must fit every model's positions (learned position embeddings fail beyond them).
         limits = [getattr(unwrap_model(m).config.get_text_config(), "max_position_embeddings", None)
                   for m in (self.model, *self.teachers)]
-        limit = min((n for n in limits if isinstance(n, int)), default=width + config.max_new_tokens)
-        room = limit - width
-        if room < 1:
-            raise ValueError(
-                f"{'seq_kd' if by_teacher else 'On-policy'} step {self.state.global_step}: a prompt of {width} tokens "
-                f"leaves no room to generate within {limit} positions (max_position_embeddings of the student or "
-                "teacher); truncate the prompts shorter."
-            )
-        seed = generation_seed(self.args.seed, self.state.global_step, micro_batch, self.args.process_index)
-        # Sampling draws from its own seeded RNG: the training RNG (dropout) stays as it was, and resuming repeats it.
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        was_training = generator.training
-        generator.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                output = generator.generate(**inputs, generation_config=config, max_new_tokens=min(config.max_new_tokens, room))
-        finally:
-            generator.train(was_training)
-        if seq2seq:  # the output starts with the decoder's start token, which is no target
-            return {**inputs, "labels": response_labels(output[:, 1:], config.eos_token_id)}
-        generated = output[:, inputs["input_ids"].shape[1] :]
-        return responses_batch(prompts, generated, config.eos_token_id, config.pad_token_id)
+        return generated_batch(
+            generator, self._generation_configs[name], batch, self.args.device,
+            seq2seq=self.task_kind == SEQ2SEQ,
+            max_positions=min((n for n in limits if isinstance(n, int)), default=None),
+            seed=generation_seed(self.args.seed, self.state.global_step, micro_batch, self.args.process_index),
+            synced=self.args.world_size > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled),
+            what=f"{'seq_kd' if by_teacher else 'On-policy'} step {self.state.global_step}",
+        )
 
     # ---- the loss -----------------------------------------------------------------------------------
 
@@ -757,54 +717,6 @@ class DistillationTrainer(Trainer):
         distillation_model_card(info, evaluation_table).save(os.path.join(self.args.output_dir, "README.md"))
 
 
-def _check_args(args) -> DistillationConfig:
-    if args is None:
-        return DistillationConfig(output_dir="tmp_trainer")
-    if not isinstance(args, DistillationConfig):
-        raise TypeError(
-            f"args is a {type(args).__name__}; DistillationTrainer needs a DistillationConfig (a TrainingArguments "
-            "subclass with the distillation settings): DistillationConfig(output_dir=..., alpha=..., ...)."
-        )
-    return args
-
-
-def _check_on_policy(args: DistillationConfig, kind, processing_class) -> None:
-    """What on-policy distillation (lmbda > 0) and seq_kd need, refused before anything loads."""
-    if args.lmbda == 0 and not args.seq_kd:
-        return
-    # Named as the user set it: lmbda, seq_kd, or both.
-    setting = " with ".join(([f"lmbda={args.lmbda}"] if args.lmbda else []) + (["seq_kd=True"] if args.seq_kd else []))
-    off = " and ".join((["lmbda=0"] if args.lmbda else []) + (["seq_kd=False"] if args.seq_kd else []))
-    whose = " and ".join((["the student's"] if args.lmbda else []) + (["the teacher's"] if args.seq_kd else []))
-    if kind != CAUSAL and (args.lmbda or kind != SEQ2SEQ):  # the teacher may write a seq2seq target, too
-        works = "causal LMs" if args.lmbda else "causal LMs and seq2seq models"
-        raise ValueError(
-            f"{setting} trains on {whose} generated responses, which works with {works}; this student is a {kind} "
-            f"model. Set {off}."
-        )
-    if args.teacher_cache is not None:
-        raise ValueError(
-            f"{setting} needs the teacher live, to generate or score responses; teacher_cache only holds targets for "
-            f"the dataset's own tokens. Drop teacher_cache, or set {off}."
-        )
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    if tokenizer is None:
-        raise ValueError(
-            f"{setting} needs the student's tokenizer to pad the prompts and the responses generated for them: pass "
-            "processing_class=tokenizer."
-        )
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
-        raise ValueError(
-            f"{setting}: the tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token to pad "
-            "generated responses with; set tokenizer.pad_token."
-        )
-    if args.lmbda and args.alpha < 1:
-        logger.warning(
-            f"lmbda={args.lmbda} with alpha={args.alpha}: on on-policy steps the CE term trains the student toward its "
-            "own samples; GKD distills them with alpha=1."
-        )
-
-
 def _num_layers(config, kind) -> int:
     """The number of blocks whose outputs the hidden-state term compares (the decoder's for seq2seq)."""
     if kind == SEQ2SEQ:
@@ -824,18 +736,6 @@ def _peft_student(model, peft_config):
             f"peft_config.target_modules={peft_config.target_modules!r} matches no module of {type(model).__name__}; "
             f"target some of its linear layers: {linear}."
         ) from None
-
-
-def _check_several_teachers(args, n_teachers: int) -> None:
-    """What several teachers can't be combined with, refused before anything loads."""
-    if args.hidden_loss_weight:
-        raise ValueError(
-            f"hidden_loss_weight={args.hidden_loss_weight} matches one teacher's layers, but {n_teachers} teachers are "
-            "given: distill hidden states from one teacher, or set hidden_loss_weight=0 with several."
-        )
-    if args.teacher_cache is not None:
-        raise ValueError("teacher_cache holds one teacher's targets; with several teachers leave teacher_cache unset.")
-    normalized_weights(args.teacher_weights, n_teachers)
 
 
 def _shared_vocabulary(student_tokenizer, teacher_tokenizer, student, teacher):

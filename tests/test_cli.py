@@ -453,3 +453,42 @@ def test_recipe_refuses_quantize_with_quantization_aware_training(tmp_path, deep
     assert main(["train", LM_RECIPE, "--teacher_model_name_or_path", str(deep_teacher_dir), "--quantize", "int8",
                  "--student_quantization", "int8", "--output_dir", str(tmp_path / "q"), *LM_FAST]) == 2
     one_line_error(capsys, "already exports it quantized")
+
+
+def test_cross_tokenizer_recipe_reads_prompts_through_the_teachers_template(tmp_path, causal_dirs, capsys):
+    """A teacher with another tokenizer and a chat template: the training rows carry each prompt as the teacher's
+    template writes it, distillation runs (kd_loss, aligned_fraction), and the teacher is scored in its own tokens."""
+    from hf_distill.runner.recipe import prepare_splits
+    from hf_distill.runner.scratch import train_bpe_tokenizer
+
+    from conftest import spanish_lines
+
+    teacher_tokenizer = train_bpe_tokenizer(spanish_lines(300) + english_lines(300), vocab_size=500)
+    teacher_tokenizer.chat_template = "<s>{{ messages[0]['content'] }}</s>"  # <s>, </s>: its bos and eos
+    teacher = tmp_path / "teacher"
+    sharpen(small_llama(len(teacher_tokenizer), hidden_size=48, num_layers=2, seed=0), 5.0).save_pretrained(teacher)
+    teacher_tokenizer.save_pretrained(teacher)
+    recipe_path = str(REPO / "recipes" / "translation_causal_cross_tokenizer.yaml")
+    common = ["--teacher_model_name_or_path", str(teacher), "--teacher_model_init_kwargs", "{}",
+              "--student_model_name_or_path", str(causal_dirs / "student"), "--dataset_name", DATA,
+              "--max_train_samples", "32", "--max_length", "64"]
+
+    recipe, _ = parse_recipe(recipe_path, [*common, *FAST])
+    student_tokenizer = AutoTokenizer.from_pretrained(causal_dirs / "student")
+    train = prepare_splits(recipe, student_tokenizer, seed=42, teacher_tokenizer=teacher_tokenizer)[0]["train"]
+    row = train[0]
+    templated = teacher_tokenizer(f"<s>{row['prompt']}</s>", add_special_tokens=False)["input_ids"]
+    assert row["teacher_prompt_ids"] == templated and templated[0] == teacher_tokenizer.bos_token_id
+
+    out = tmp_path / "run"
+    assert main(["train", recipe_path, *common, "--output_dir", str(out), *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [row["model"] for row in report["rows"]] == ["teacher (own tokenizer)", "distilled", "baseline (no teacher)"]
+    assert all("chrf" in row for row in report["rows"]) and not any("agreement" in row for row in report["rows"])
+    logs = [log for log in report["histories"]["distilled"] if "kd_loss" in log]
+    assert logs and all(0 < log["aligned_fraction"] <= 1 for log in logs)
+
+    # A recipe that packs plain text has no prompts for the teacher's template: refused before anything loads.
+    assert main(["train", LM_RECIPE, "--teacher_model_name_or_path", str(teacher), "--cross_tokenizer", "uld",
+                 "--hidden_loss_weight", "0", "--output_dir", str(tmp_path / "lm")]) == 2
+    assert "cross_tokenizer='uld' in a recipe needs prompt -> response rows" in capsys.readouterr().err

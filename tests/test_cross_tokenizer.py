@@ -246,6 +246,24 @@ def test_teacher_rows_cut_to_the_teacher_positions(student_tokenizer, teacher_to
     assert batch["teacher_attention_mask"][1].tolist() == [1] * len(short) + [0] * (4 - len(short))
 
 
+def test_prompt_in_the_teachers_tokens_is_used_as_given(student_tokenizer, teacher_tokenizer):
+    """A row carrying `teacher_prompt_ids` (a recipe's, with the teacher's chat template): the teacher's row is those
+    ids, then the response tokenized again; the student's batch is unchanged and never sees the column."""
+    prompt = student_tokenizer("Translate: In the beginning", add_special_tokens=False)["input_ids"]
+    response = student_tokenizer(" God created", add_special_tokens=False)["input_ids"] + [student_tokenizer.eos_token_id]
+    templated = [7, 8, 9, 10, 11]  # stands for <|user|> ... <|assistant|> in the teacher's own tokens
+    row = {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
+    collate = CrossTokenizerCollator(CausalLMCollator(0), student_tokenizer, teacher_tokenizer)
+    batch = collate([{**row, "teacher_prompt_ids": templated}])
+    teacher_response = teacher_tokenizer(" God created", add_special_tokens=False)["input_ids"] + [teacher_tokenizer.eos_token_id]
+    assert batch["teacher_input_ids"][0].tolist() == templated + teacher_response
+    assert batch["teacher_labels"][0].tolist() == [-100] * len(templated) + teacher_response
+    assert batch["input_ids"][0].tolist() == row["input_ids"] and "teacher_prompt_ids" not in batch
+    plain = collate([row])  # without the column: the prompt text, tokenized again
+    assert plain["teacher_input_ids"][0].tolist()[-len(teacher_response):] == teacher_response
+    assert plain["teacher_input_ids"][0].tolist()[: -len(teacher_response)] != templated
+
+
 # ---- the trainer ----------------------------------------------------------------------------------------------
 
 

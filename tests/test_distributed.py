@@ -86,6 +86,24 @@ def test_fsdp2_two_processes_match_one(tmp_path):
 
 
 @needs_torchrun
+def test_fsdp2_on_policy_generation_keeps_ranks_in_step(tmp_path):
+    """lmbda=1 with the student and teacher sharded: the ranks' generations end at different lengths (each rank's
+    room depends on its own prompts), and yet every rank goes through the same collectives and ends in sync."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         str(SCRIPT), str(tmp_path), "2", "fsdp2_on_policy"],
+        check=True, env=env, timeout=300,
+    )
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0["fsdp"] and rank0["chunked"] == {"student": True, "teacher": True}
+    assert len(rank0["generated"]) == len(rank1["generated"]) == 2  # one generation per step on each rank
+    assert rank0["generated"] != rank1["generated"]  # the ranks did not need the same number of forwards
+    assert all(log.get("on_policy_fraction", 1.0) == 1.0 for log in rank0["logs"])
+    torch.testing.assert_close(rank0["params"], rank1["params"], rtol=0, atol=0)
+
+
+@needs_torchrun
 def test_zero3_teacher_is_partitioned(tmp_path):
     """DeepSpeed ZeRO-3 places the teacher as a partitioned inference engine: same logits, half the weights a rank."""
     pytest.importorskip("deepspeed")

@@ -17,19 +17,40 @@ from ..checkpoints import existing_run, resolve_resume
 from ..config import DistillationConfig
 from ..data import default_collator, labeled_rows
 from ..modeling import CAUSAL, load_model
-from ..on_policy import generation_seed, left_padded, prompts_of, responses_batch, sampling_config
+from ..on_policy import generated_batch, generation_seed, sampling_config
 from ..pruning import describe_student, prune_student
 from ..trainer import DistillationTrainer
 from ..quantization import folder_bytes, save_quantized
 from .evaluation import evaluate_model, layer_count
 from .recipe import STAGE_RECIPE_FIELDS, RecipeArguments, build_student, builder_for, model_columns, prepare_splits
 from .report import comparison_table, write_report
+from .tasks import tokenize_causal
 
 logger = logging.get_logger(__name__)
 
 # What a finished recipe run leaves in `output_dir` besides the student (README.md is the model card).
 RUN_FILES = ("report.md", "report.json", "training_curves.png", "samples.json", "README.md")
 STAGE_FILE = "stage.json"  # written when a stage of a teacher-assistant chain has finished
+
+
+def load_teacher_tokenizer(recipe: RecipeArguments, config: DistillationConfig):
+    """`cross_tokenizer`: the teacher's own tokenizer, from its folder or Hub id; refused where a recipe can't use it."""
+    setting = f"cross_tokenizer={config.cross_tokenizer!r}"
+    if recipe.task != CAUSAL or recipe.packing or recipe.label_words:
+        raise ValueError(
+            f"{setting} in a recipe needs prompt -> response rows of causal LMs (task: causal, no packing, no "
+            "label_words), which the teacher reads in its own tokens and chat template; drop cross_tokenizer."
+        )
+    if recipe.stages:
+        raise ValueError(f"{setting} with stages: each stage's student is made from its teacher and shares its "
+                         "tokenizer; drop cross_tokenizer or stages.")
+    names = _as_list(config.teacher_model_name_or_path)
+    if len(names) != 1 or not isinstance(names[0], str):
+        raise ValueError(f"{setting} distills from one teacher named by teacher_model_name_or_path; got {names!r}.")
+    tokenizer = AutoTokenizer.from_pretrained(names[0])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_tokenizer(recipe: RecipeArguments, config: DistillationConfig):
@@ -73,7 +94,7 @@ def resume_points(config: DistillationConfig, baseline: bool) -> dict[str, str |
     return points
 
 
-def _train(student, teacher, config, splits, tokenizer, callbacks=None, resume=None) -> DistillationTrainer:
+def _train(student, teacher, config, splits, tokenizer, callbacks=None, resume=None, teacher_tokenizer=None):
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -81,6 +102,7 @@ def _train(student, teacher, config, splits, tokenizer, callbacks=None, resume=N
         train_dataset=model_columns(splits["train"]),
         eval_dataset=model_columns(splits["eval"]),
         processing_class=tokenizer,
+        teacher_processing_class=teacher_tokenizer,
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -109,15 +131,24 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     resume = resume_points(final_config, recipe.baseline)
     for i, stage in enumerate((recipe.stages or [])[:-1], 1):
         finished_stage(i, stage, recipe, config)
+    teacher_tokenizer = load_teacher_tokenizer(recipe, config) if config.cross_tokenizer else None
     tokenizer = tokenizer or load_tokenizer(recipe, config)
     teachers = load_teachers(recipe, config) if teacher is None else _as_list(teacher)
-    splits, stats = prepare_splits(recipe, tokenizer, seed=config.seed)
+    splits, stats = prepare_splits(recipe, tokenizer, seed=config.seed, teacher_tokenizer=teacher_tokenizer)
 
     rows, samples = [], {}
     for name, model in zip(_teacher_row_names(teachers), teachers):
-        row, samples[name] = evaluate_model(name, model, splits["test"], tokenizer, recipe)
+        if teacher_tokenizer is None:
+            row, samples[name] = evaluate_model(name, model, splits["test"], tokenizer, recipe)
+        else:  # the same test rows in the teacher's own tokens: its loss is per teacher token
+            name = "teacher (own tokenizer)"
+            test = tokenize_causal(splits["test"].select_columns(["prompt", "response"]), teacher_tokenizer,
+                                   max_length=recipe.max_length, min_response_tokens=recipe.min_response_tokens,
+                                   use_chat_template=recipe.use_chat_template)[0]
+            row, samples[name] = evaluate_model(name, model, test, teacher_tokenizer, recipe)
         rows.append(row)
-    reference = teachers[0]  # agreement and size are measured against the recipe's (first) teacher
+    # Agreement (top-1, token by token) and size are measured against the recipe's (first) teacher.
+    reference = teachers[0] if teacher_tokenizer is None else None
     for i, stage in enumerate((recipe.stages or [])[:-1], 1):  # a chain: each stage's student teaches the next
         student = run_stage(i, stage, recipe, config, teachers, splits, tokenizer, callbacks)
         name = f"stage {i} ({layer_count(student)} layers)"
@@ -130,7 +161,7 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     initial_student = copy.deepcopy(student) if recipe.baseline else None
     # Pushed once, at the end, with the model card and evaluation table (not at every save).
     trainer = _train(student, teachers, dataclasses.replace(config, push_to_hub=False), splits, tokenizer, callbacks,
-                     resume["distilled"])
+                     resume["distilled"], teacher_tokenizer)
     runs = {"distilled": (trainer.model, trainer, config.output_dir)}
     if recipe.baseline:
         baseline_config = dataclasses.replace(
@@ -138,7 +169,8 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
             config, alpha=0.0, lmbda=0.0, seq_kd=False, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
             run_name=f"{config.run_name or 'run'}-baseline",
         )
-        baseline = _train(initial_student, teachers, baseline_config, splits, tokenizer, callbacks, resume["baseline"])
+        baseline = _train(initial_student, teachers, baseline_config, splits, tokenizer, callbacks, resume["baseline"],
+                          teacher_tokenizer)
         runs["baseline (no teacher)"] = (baseline.model, baseline, baseline_config.output_dir)
 
     for name, (model, _, folder) in runs.items():
@@ -309,14 +341,9 @@ def generate_recipe_targets(recipe: RecipeArguments, config, output_dir: str, ba
     collator, train = default_collator(CAUSAL, tokenizer), model_columns(splits["train"])
     responses = []
     for start in range(0, len(train), batch_size):
-        prompts = prompts_of(collator([train[i] for i in range(start, min(start + batch_size, len(train)))]))
-        inputs = left_padded(prompts, settings.pad_token_id, device)
-        width = inputs["input_ids"].shape[1]
-        room = settings.max_new_tokens if not isinstance(limit, int) else min(settings.max_new_tokens, limit - width)
-        with torch.no_grad(), torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
-            torch.manual_seed(generation_seed(config.seed, 0, start // batch_size, 0))  # sampled runs repeat
-            output = teacher.generate(**inputs, generation_config=settings, max_new_tokens=max(room, 1))
-        batch = responses_batch(prompts, output[:, width:], settings.eos_token_id, settings.pad_token_id)
+        rows = collator([train[i] for i in range(start, min(start + batch_size, len(train)))])
+        batch = generated_batch(teacher, settings, rows, device, max_positions=limit, what="generate-targets",
+                                seed=generation_seed(config.seed, 0, start // batch_size, 0))  # sampled runs repeat
         for labels in batch["labels"].tolist():
             tokens = [token for token in labels if token != -100]
             # Training appends the EOS again after the response text.

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from datasets import DatasetDict, load_dataset, load_from_disk
 from transformers.utils import logging
 
+from ..data import TEACHER_PROMPT_COLUMN
 from ..modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, load_model, student_from_teacher
 from ..pruning import prune_student
 from ..quantization import QUANTIZATION_SCHEMES, check_scheme
-from .tasks import MODEL_COLUMNS, tokenize_causal, tokenize_classification, tokenize_seq2seq, tokenize_text
+from .tasks import MODEL_COLUMNS, prompt_ids, tokenize_causal, tokenize_classification, tokenize_seq2seq, tokenize_text
 
 logger = logging.get_logger(__name__)
 
@@ -408,8 +409,12 @@ def to_task_rows(dataset, recipe: RecipeArguments):
     return dataset.map(build, remove_columns=columns)
 
 
-def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42):
-    """Tokenized train/eval/test splits (test keeps its raw text for scoring) and their truncation stats."""
+def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42, teacher_tokenizer=None):
+    """Tokenized train/eval/test splits (test keeps its raw text for scoring) and their truncation stats.
+
+    With `teacher_tokenizer` (a teacher with another tokenizer), prompt → response rows also carry their prompt as
+    the teacher sees it: its tokens and its chat template.
+    """
     prepared, stats = {}, {}
     for name, split in load_raw_splits(recipe, seed).items():
         rows = to_task_rows(split, recipe)
@@ -429,6 +434,10 @@ def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42):
                 rows, tokenizer, max_length=recipe.max_length, require_label=name != "train"
             )
         logger.warning(stats[name].summary(name)) if stats[name].dropped else logger.info(stats[name].summary(name))
+        if teacher_tokenizer is not None and "prompt" in prepared[name].column_names:
+            prepared[name] = prepared[name].map(lambda rows: {TEACHER_PROMPT_COLUMN: [
+                prompt_ids(teacher_tokenizer, prompt, recipe.use_chat_template) for prompt in rows["prompt"]]},
+                batched=True, desc="The prompts in the teacher's tokens")
         if len(split) and not len(prepared[name]):  # otherwise the trainer would only say the split is empty
             if recipe.packing:
                 raise ValueError(
@@ -444,7 +453,7 @@ def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42):
 
 def model_columns(dataset):
     """Only what the model and collator take: the raw text stays out of training batches."""
-    return dataset.select_columns([c for c in MODEL_COLUMNS if c in dataset.column_names])
+    return dataset.select_columns([c for c in (*MODEL_COLUMNS, TEACHER_PROMPT_COLUMN) if c in dataset.column_names])
 
 
 def build_student(recipe: RecipeArguments, teacher, calibration: list[dict] | None = None):
