@@ -105,7 +105,8 @@ def test_fsdp2_on_policy_generation_keeps_ranks_in_step(tmp_path):
 
 @needs_torchrun
 def test_zero3_teacher_is_partitioned(tmp_path):
-    """DeepSpeed ZeRO-3 places the teacher as a partitioned inference engine: same logits, half the weights a rank."""
+    """DeepSpeed ZeRO-3 places the teacher as a partitioned inference engine: same logits, half the weights a rank,
+    and seq_kd's generation kept in step across ranks (a rank done early must go on forwarding, or the other hangs)."""
     pytest.importorskip("deepspeed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     subprocess.run(
@@ -119,6 +120,12 @@ def test_zero3_teacher_is_partitioned(tmp_path):
         assert result["held"] == pytest.approx(result["total"] / 2, rel=0.05)
         assert not result["trainable"]
         assert not result["chunkable"]  # a ZeRO-3 head: full logits at the target positions, with a warning
+        # seq_kd: the partitioned teacher answers as the whole one does, though the ranks generate different lengths
+        for key in ("input_ids", "attention_mask", "labels"):
+            torch.testing.assert_close(result["answered"][key], result["answered_whole"][key], rtol=0, atol=0)
+        assert (result["answered"]["labels"] != -100).any()
+    generated = [int((torch.load(tmp_path / f"rank{rank}.pt")["answered"]["labels"] != -100).sum(1).max()) for rank in range(2)]
+    assert generated[0] < generated[1]  # rank 0 ran out of room first and kept forwarding until rank 1 had finished
 
 
 @pytest.mark.parametrize("name, kind, field, value", [
