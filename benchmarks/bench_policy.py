@@ -25,7 +25,9 @@ cosine schedule, the same rows in the same order for every arm of a seed. gen_s_
 `generate` (student on on-policy steps, teacher with seq_kd) per step, out of s_per_step.
 Cross-tokenizer arms (xtok/*): the same student re-tokenized with a byte-level BPE of --bpe-vocab tokens trained on the
 training verses; each new token's embedding starts as the mean of the teacher's embeddings of its text (tied head).
-Results append to benchmarks/results/policy.jsonl.
+Staged arms (`off_policy/then_*`): the off_policy student after --steps, trained --continue-steps more on the next
+training rows at --continue-lr, off-policy or on-policy: does on-policy pay once the student writes sensible text?
+Their s_per_step is the second stage's. Results append to benchmarks/results/policy.jsonl.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ ARMS = {
     "xtok/no_teacher": dict(alpha=0.0, cross_tokenizer="uld", tokenizer="bpe"),  # alpha 0: the teacher never runs
     "xtok/uld": dict(alpha=0.5, cross_tokenizer="uld", tokenizer="bpe"),
     "xtok/align": dict(alpha=0.5, cross_tokenizer="align", tokenizer="bpe"),
+    # Staged: the off_policy student, then --continue-steps more on new rows, off-policy or on-policy.
+    "off_policy/then_off_policy": dict(alpha=1.0, after="off_policy"),
+    "off_policy/then_lmbda_0.5": dict(alpha=1.0, lmbda=0.5, after="off_policy"),
+    "off_policy/then_lmbda_1": dict(alpha=1.0, lmbda=1.0, after="off_policy"),
 }
 DEFAULT_ARMS = "no_teacher,off_policy,lmbda_0.5,lmbda_1,seq_kd,xtok/no_teacher,xtok/uld,xtok/align"
 
@@ -69,6 +75,8 @@ def parse_args():
     parser.add_argument("--arms", default=DEFAULT_ARMS, help="comma-separated arm names (see --list)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--continue-steps", type=int, default=30, help="the second stage of the `A/then_B` arms")
+    parser.add_argument("--continue-lr", type=float, default=3e-4, help="its learning rate (cosine, from this)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32, help="training generation and teacher continuations")
     parser.add_argument("--heldout", type=int, default=128, help="held-out prompts scored")
@@ -211,46 +219,70 @@ class GenerateTimer:
             del model.generate
 
 
-def run_arm(name, seed, teacher, tokenizer, bpe, pairs, held_out, calibration, args, out_dir):
+def run_arm(name, seed, teacher, tokenizer, bpe, pairs, held_out, calibration, args, out_dir, stage_one):
+    """Train and score one arm. An arm `A/then_B` continues A's student (trained once per seed, kept in `stage_one`)
+    for --continue-steps on the next training rows with B's settings; its time columns are that stage's alone."""
+    settings = {**BASE, **ARMS[name]}
+    after = settings.pop("after", None)
+    own = settings.pop("tokenizer", None) == "bpe"
+    if after is None:
+        student = prune_depth_of(teacher, calibration, args)
+        if own:
+            student = retokenized(student, tokenizer, bpe)
+        rows, steps = pairs, args.steps
+    else:
+        if (after, seed) not in stage_one:
+            first = prune_depth_of(teacher, calibration, args)
+            train_student(first, {**BASE, **ARMS[after]}, seed, teacher, tokenizer, pairs, args.steps, args, out_dir, after)
+            stage_one[(after, seed)] = {k: v.clone() for k, v in first.state_dict().items()}
+        student = prune_depth_of(teacher, calibration, args)
+        student.load_state_dict(stage_one[(after, seed)])
+        settings["learning_rate"] = args.continue_lr
+        rows, steps = args.more_pairs, args.continue_steps
+    student_tokenizer = bpe if own else tokenizer
+    seconds, generation, logs = train_student(student, settings, seed, teacher, student_tokenizer, rows, steps, args,
+                                              out_dir, name, teacher_tokenizer=tokenizer if own else None)
+    return {
+        "arm": name, "seed": seed, "settings": settings, "tokenizer": "bpe" if own else "teacher's",
+        **score(student, student_tokenizer, held_out, args.max_new_tokens),
+        "s_per_step": seconds / steps, "gen_s_per_step": generation / steps,
+        "steps": steps, "batch": args.batch, "max_new_tokens": args.max_new_tokens,
+        **({"after": after, "after_steps": args.steps} if after else {}),
+        **{key: mean_of(logs, key) for key in ("on_policy_fraction", "aligned_fraction") if mean_of(logs, key) is not None},
+    }
+
+
+def prune_depth_of(teacher, calibration, args):
+    from hf_distill.pruning import prune_depth
+
+    return prune_depth(teacher, 10 if not args.quick else 2, calibration)
+
+
+def train_student(student, settings, seed, teacher, student_tokenizer, pairs, steps, args, out_dir, name,
+                  teacher_tokenizer=None):
+    """Distil `student` in place; (seconds, seconds in `generate`, the loss logs)."""
     from datasets import Dataset
     from transformers.utils import logging as hf_logging
 
     from hf_distill import DistillationConfig, DistillationTrainer
-    from hf_distill.pruning import prune_depth
 
     hf_logging.set_verbosity_error()
-    settings = {**BASE, **ARMS[name]}
-    own = settings.pop("tokenizer", None) == "bpe"
-    student = prune_depth(teacher, 10 if not args.quick else 2, calibration)
-    if own:
-        student = retokenized(student, tokenizer, bpe)
-    student_tokenizer = bpe if own else tokenizer
-    train = Dataset.from_dict(rows_of(student_tokenizer, pairs))
     config = DistillationConfig(
-        output_dir=str(out_dir / f"{name.replace('/', '_')}-seed{seed}-{os.getpid()}"), max_steps=args.steps,
+        output_dir=str(out_dir / f"{name.replace('/', '_')}-seed{seed}-{os.getpid()}"), max_steps=steps,
         per_device_train_batch_size=args.batch, seed=seed, data_seed=seed, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_pin_memory=False,
         max_new_tokens=args.max_new_tokens, **settings,
     )
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config, train_dataset=train, processing_class=student_tokenizer,
-        teacher_processing_class=tokenizer if own else None,
+        model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_dict(rows_of(student_tokenizer, pairs)),
+        processing_class=student_tokenizer, teacher_processing_class=teacher_tokenizer,
     )
     with GenerateTimer(student, teacher) as timer:
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-    generation = timer.seconds
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    row = {
-        "arm": name, "seed": seed, "settings": settings, "tokenizer": "bpe" if own else "teacher's",
-        **score(student, student_tokenizer, held_out, args.max_new_tokens),
-        "s_per_step": seconds / args.steps, "gen_s_per_step": generation / args.steps,
-        "steps": args.steps, "batch": args.batch, "max_new_tokens": args.max_new_tokens,
-        **{key: mean_of(logs, key) for key in ("on_policy_fraction", "aligned_fraction") if mean_of(logs, key) is not None},
-    }
     shutil.rmtree(config.output_dir, ignore_errors=True)
-    return row
+    return seconds, timer.seconds, [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
 def mean_of(logs, key):
@@ -298,7 +330,7 @@ def main():
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.quick:
-        args.steps, args.batch, args.heldout, args.max_new_tokens, args.bpe_vocab = 3, 4, 8, 6, 600
+        args.steps, args.continue_steps, args.batch, args.heldout, args.max_new_tokens, args.bpe_vocab = 3, 2, 4, 8, 6, 600
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -313,6 +345,8 @@ def main():
     verses = english_verses()
     train_verses, held_verses = verses[:-HELD_OUT_VERSES], verses[-HELD_OUT_VERSES:][: args.heldout]
     pairs = [split_verse(v) for v in train_verses[: args.steps * args.batch]]  # exactly the rows the runs see
+    seen = args.steps * args.batch  # the second stage of `A/then_B` arms reads the rows after those
+    args.more_pairs = [split_verse(v) for v in train_verses[seen : seen + args.continue_steps * args.batch]]
     bpe = train_bpe_tokenizer(train_verses, vocab_size=args.bpe_vocab) if any(ARMS[a].get("tokenizer") for a in arms) else None
     calibration = calibration_batches(tokenizer, pairs[:16])
 
@@ -326,10 +360,10 @@ def main():
 
     out_dir = HERE / "results" / "policy_runs"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, stage_one = [], {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in arms:
-            row = run_arm(name, seed, teacher, tokenizer, bpe, pairs, held_out, calibration, args, out_dir)
+            row = run_arm(name, seed, teacher, tokenizer, bpe, pairs, held_out, calibration, args, out_dir, stage_one)
             row["teacher"] = reference
             rows.append(row)
             print(json.dumps(row), flush=True)
