@@ -33,6 +33,7 @@ Their s_per_step is the second stage's. Results append to benchmarks/results/pol
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -234,9 +235,8 @@ def run_arm(name, seed, teacher, tokenizer, bpe, pairs, held_out, calibration, a
         if (after, seed) not in stage_one:
             first = prune_depth_of(teacher, calibration, args)
             train_student(first, {**BASE, **ARMS[after]}, seed, teacher, tokenizer, pairs, args.steps, args, out_dir, after)
-            stage_one[(after, seed)] = {k: v.clone() for k, v in first.state_dict().items()}
-        student = prune_depth_of(teacher, calibration, args)
-        student.load_state_dict(stage_one[(after, seed)])
+            stage_one[(after, seed)] = first
+        student = copy.deepcopy(stage_one[(after, seed)])
         settings["learning_rate"] = args.continue_lr
         rows, steps = args.more_pairs, args.continue_steps
     student_tokenizer = bpe if own else tokenizer

@@ -98,7 +98,7 @@ def main():
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         for key in ("ce_loss", "kd_loss", "grad_norm"):
             if any(key in entry for entry in logs):
-                    print(f"alpha {alpha} {key:9s}", " ".join(f"{entry[key]:6.2f}" for entry in logs if key in entry), flush=True)
+                print(f"alpha {alpha} {key:9s}", " ".join(f"{entry[key]:6.2f}" for entry in logs if key in entry), flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
 
 

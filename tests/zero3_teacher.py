@@ -33,8 +33,8 @@ def main(out_dir: str) -> None:
     # The student's training config, as accelerate hands it over: optimizer, scheduler and batch sizes included.
     config = {
         # Threshold 0: every parameter is gathered per forward, as a real model's are (tiny ones would persist whole).
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-        "train_batch_size": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
     }
     accelerator = types.SimpleNamespace(
         distributed_type=types.SimpleNamespace(name="DEEPSPEED"), device=torch.device("cpu"),
@@ -52,9 +52,9 @@ def main(out_dir: str) -> None:
     prompts = torch.randint(4, 300, (2, prompt_length), generator=torch.Generator().manual_seed(rank + 1))
     batch = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts), "labels": torch.full_like(prompts, -100)}
     tokenizer = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
-    config = sampling_config(whole_teacher, tokenizer, max_new_tokens=64, temperature=1.0, do_sample=False)
-    answered = generated_batch(engine.module, config, batch, "cpu", max_positions=48, synced=True)
-    answered_whole = generated_batch(whole_teacher, config, batch, "cpu", max_positions=48)
+    greedy = sampling_config(whole_teacher, tokenizer, max_new_tokens=64, temperature=1.0, do_sample=False)
+    answered = generated_batch(engine.module, greedy, batch, "cpu", max_positions=48, synced=True)
+    answered_whole = generated_batch(whole_teacher, greedy, batch, "cpu", max_positions=48)
     torch.save(
         {
             "sharded": sharded, "whole": whole,
