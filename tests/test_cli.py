@@ -1,6 +1,7 @@
 """The `hf-distill` command and recipes end to end on tiny local models: train, report, export, eval, demo."""
 
 import json
+import math
 import shutil
 
 import huggingface_hub
@@ -385,6 +386,37 @@ def test_lm_from_teacher_recipe(tmp_path, deep_teacher_dir, capsys):
     assert "block influence" in (out / "README.md").read_text()
     student = AutoModelForCausalLM.from_pretrained(out)
     assert len(student.config.distill_source_layers) == 2
+
+
+def write_plain_text(root, shape: str) -> str:
+    """The same English text as a user may hold it: rows of {"text"} in a file or save_to_disk folder, or .txt files."""
+    lines = english_lines(120)
+    if shape in ("jsonl", "csv", "parquet", "save_to_disk"):
+        rows = Dataset.from_dict({"text": lines})
+        path = root / (f"text.{shape}" if shape != "save_to_disk" else "saved")
+        {"jsonl": rows.to_json, "csv": rows.to_csv, "parquet": rows.to_parquet, "save_to_disk": rows.save_to_disk}[shape](
+            str(path))
+        return str(path)
+    folder = root / "texts"
+    folder.mkdir()
+    for part in range(2):  # paragraphs of a few wrapped lines, separated by blank lines
+        paragraphs = ["\n".join(lines[i : i + 2]) for i in range(part * 60, part * 60 + 60, 2)]
+        (folder / f"part{part}.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return str(folder if shape == "txt_folder" else folder / "part0.txt")
+
+
+@pytest.mark.parametrize("shape", ["jsonl", "csv", "parquet", "save_to_disk", "txt_folder", "txt_file"])
+def test_lm_recipe_reads_plain_text(tmp_path, deep_teacher_dir, shape):
+    """recipes/lm_from_teacher.yaml as shipped takes plain text in every shape, with no column option."""
+    out = tmp_path / "lm"
+    code = main(["train", LM_RECIPE, "--teacher_model_name_or_path", str(deep_teacher_dir), "--dataset_name",
+                 write_plain_text(tmp_path, shape), "--student_num_layers", "2", "--max_length", "32", "--baseline",
+                 "false", "--output_dir", str(out), *FAST[:2], "--held_out_size", "4", *FAST[4:]])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads((out / "samples.json").read_text())["labeled_rows"]["of"] > 0  # packed training blocks
+    rows = {row["model"]: row for row in report["rows"]}
+    assert math.isfinite(rows["distilled"]["perplexity"]) and math.isfinite(rows["teacher"]["perplexity"])
 
 
 # ---- chains, several teachers, quantization -----------------------------------------------------------------

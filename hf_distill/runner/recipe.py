@@ -151,20 +151,21 @@ class RecipeArguments:
     calibration_rows: int = field(default=16, metadata={"help": "Training rows the pruning scores layers and channels on."})
     packing: bool = field(
         default=False,
-        metadata={"help": "Plain-text LM (causal): each row's text (text_column, or source_lang of translation_column) "
-                  "is tokenized whole, every token a target, rows joined with EOS and packed into max_length blocks."},
+        metadata={"help": "Plain-text LM (causal): each row's text is tokenized whole, every token a target, rows joined "
+                  "with EOS and packed into max_length blocks. The text is text_column where the data has it, else the "
+                  "source_lang side of translation_column; .txt files are read a paragraph (blank-line separated) a row."},
     )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer to use; defaults to the student's, else the teacher's."}
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A Hub dataset id, a folder written by save_to_disk, or a local data file "
-                  "(.json/.jsonl/.csv/.parquet)."},
+        metadata={"help": "A Hub dataset id, a folder written by save_to_disk, a local data file "
+                  "(.json/.jsonl/.csv/.parquet/.txt) or a folder of .txt files."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
     data_files: str | None = field(
-        default=None, metadata={"help": "Local json/jsonl/csv/parquet file(s) (a glob works); overrides dataset_name."}
+        default=None, metadata={"help": "Local json/jsonl/csv/parquet/txt file(s) (a glob works); overrides dataset_name."}
     )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(
@@ -182,7 +183,9 @@ class RecipeArguments:
     response_column: str = field(default="response", metadata={"help": "causal: the column with the answer text."})
     source_column: str = field(default="source", metadata={"help": "seq2seq / translation: source text column."})
     target_column: str = field(default="target", metadata={"help": "seq2seq / translation: target text column."})
-    text_column: str = field(default="text", metadata={"help": "classification / sentiment: the text column."})
+    text_column: str = field(
+        default="text", metadata={"help": "classification / sentiment, and plain-text LM (packing): the text column."}
+    )
     label_column: str = field(default="label", metadata={"help": "classification / sentiment: the label column."})
     translation_column: str | None = field(
         default=None,
@@ -286,31 +289,44 @@ def parse_stages(stages) -> list[dict] | None:
 
 # ---- data ----------------------------------------------------------------------------------------
 
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# Plain text is read a paragraph a row: a unit of meaning to hold out, and lines of wrapped prose stay together.
+_BUILDER_KWARGS = {"text": {"sample_by": "paragraph"}}
 
 
 def builder_for(path: str) -> str:
     extension = os.path.splitext(path.replace("*", ""))[1].lower()
     if extension not in _FILE_BUILDERS:
-        raise ValueError(f"Cannot read {path!r}: use a .json, .jsonl, .csv or .parquet file, or a save_to_disk folder.")
+        raise ValueError(f"Cannot read {path!r}: use a .json, .jsonl, .csv, .parquet or .txt file, a folder of .txt "
+                         "files, or a save_to_disk folder.")
     return _FILE_BUILDERS[extension]
+
+
+def _text_files(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.lower().endswith(".txt"))
+
+
+def _load_files(builder: str, files, source: str):
+    try:
+        return load_dataset(builder, data_files=files, **_BUILDER_KWARGS.get(builder, {}))
+    except (StopIteration, ValueError) as error:  # what `datasets` raises for a file without rows
+        if isinstance(error, ValueError) and "corresponds to no data" not in str(error):
+            raise
+        raise ValueError(f"data file {source!r} has no rows; give a file with at least one row.") from None
 
 
 def load_raw_splits(recipe: RecipeArguments, seed: int = 42):
     """A `DatasetDict` with train, eval and test splits; missing held-out splits are carved from train."""
     source = recipe.data_files or recipe.dataset_name
     if recipe.data_files or os.path.isfile(source):
-        try:
-            splits = load_dataset(builder_for(source), data_files=source)
-        except (StopIteration, ValueError) as error:  # what `datasets` raises for a file without rows
-            if isinstance(error, ValueError) and "corresponds to no data" not in str(error):
-                raise
-            raise ValueError(f"data file {source!r} has no rows; give a file with at least one row.") from None
+        splits = _load_files(builder_for(source), source, source)
     elif os.path.isdir(source) and any(
         os.path.exists(os.path.join(source, name)) for name in ("dataset_dict.json", "dataset_info.json")
     ):
         splits = load_from_disk(source)
         splits = splits if isinstance(splits, DatasetDict) else DatasetDict({"train": splits})
+    elif os.path.isdir(source) and _text_files(source):
+        splits = _load_files("text", _text_files(source), source)
     else:
         try:
             splits = load_dataset(source, recipe.dataset_config_name)
@@ -332,8 +348,10 @@ def load_raw_splits(recipe: RecipeArguments, seed: int = 42):
             held[name] = splits[split]
         else:
             if len(train) <= recipe.held_out_size:
+                unit = " (paragraphs: blank-line separated text)" if "text" in train.column_names and len(
+                    train.column_names) == 1 else ""
                 raise ValueError(
-                    f"Only {len(train)} training rows: too few to carve a {name} split of {recipe.held_out_size}. "
+                    f"Only {len(train)} training rows{unit}: too few to carve a {name} split of {recipe.held_out_size}. "
                     f"Give {name}_split or a smaller held_out_size."
                 )
             held[name] = train.select(range(recipe.held_out_size))
@@ -349,12 +367,16 @@ def to_task_rows(dataset, recipe: RecipeArguments):
     """Rename the user's columns into the task's fields: prompt/response, source/target or text/label.
 
     Causal rows that hold prompt/response columns but not the recipe's `translation_column` (the folder written by
-    `hf-distill generate-targets`) are read as prompt → response.
+    `hf-distill generate-targets`) are read as prompt → response. Plain text (`packing`) is `text_column` where the
+    data has it, else the source side of `translation_column`.
     """
     columns = dataset.column_names
-    if recipe.translation_column and recipe.task == CAUSAL and recipe.translation_column not in columns and {
-        recipe.prompt_column, recipe.response_column
-    } <= set(columns):
+    if recipe.translation_column and recipe.translation_column not in columns and (
+        (recipe.task == CAUSAL and {recipe.prompt_column, recipe.response_column} <= set(columns))
+        or (recipe.packing and recipe.text_column in columns)
+    ):
+        recipe = dataclasses.replace(recipe, translation_column=None)
+    if recipe.packing and recipe.text_column in columns:
         recipe = dataclasses.replace(recipe, translation_column=None)
 
     def require(*names):
@@ -366,11 +388,24 @@ def to_task_rows(dataset, recipe: RecipeArguments):
                 "translation_column)."
             )
 
-    def fields(row):
+    # With packing only the source side is read, so only its key must be there.
+    languages = (recipe.source_lang,) if recipe.packing else (recipe.source_lang, recipe.target_lang)
+
+    def translation_pair(row, index):
+        pair = row[recipe.translation_column]
+        missing = [lang for lang in languages if not isinstance(pair, dict) or lang not in pair]
+        if missing:
+            held = sorted(pair) if isinstance(pair, dict) else type(pair).__name__
+            raise ValueError(
+                f"Row {index} of translation_column={recipe.translation_column!r} holds {held}, without "
+                f"{', '.join(repr(lang) for lang in missing)}; set source_lang/target_lang to keys the rows have."
+            )
+        return pair[recipe.source_lang], pair.get(recipe.target_lang)
+
+    def fields(row, index):
         out = dict(row)
         if recipe.translation_column:
-            pair = row[recipe.translation_column]
-            out["source"], out["target"] = pair[recipe.source_lang], pair[recipe.target_lang]
+            out["source"], out["target"] = translation_pair(row, index)
         elif recipe.source_column in row:
             out["source"] = row[recipe.source_column]
             out["target"] = row.get(recipe.target_column)
@@ -380,19 +415,29 @@ def to_task_rows(dataset, recipe: RecipeArguments):
             out["label"] = row[recipe.label_column]
         return out
 
+    if recipe.packing and recipe.text_column not in columns and recipe.translation_column not in columns:
+        raise ValueError(
+            f"The data has columns {columns} but plain-text LM (packing) reads text_column={recipe.text_column!r}"
+            f"{f' or translation_column={recipe.translation_column!r}' if recipe.translation_column else ''}; "
+            "set text_column to the column that holds the text."
+        )
     if recipe.translation_column:
         require(recipe.translation_column)
-    elif recipe.packing:
-        require(recipe.text_column)
-    elif recipe.task == SEQ2SEQ or (recipe.task == CAUSAL and not recipe.label_words and recipe.prompt_column not in columns):
+    elif recipe.task == SEQ2SEQ or (
+        recipe.task == CAUSAL and not recipe.packing and not recipe.label_words and recipe.prompt_column not in columns
+    ):
         require(recipe.source_column, recipe.target_column)
     if recipe.task == CLASSIFICATION or recipe.label_words:
         require(recipe.text_column, recipe.label_column)
 
-    def build(row):
-        values = fields(row)
+    def build(row, index):
+        values = fields(row, index)
         if recipe.packing:
-            return {"text": values.get("text", values.get("source"))}
+            text = values["source"] if recipe.translation_column else values["text"]
+            if not isinstance(text, str):
+                column = recipe.translation_column or recipe.text_column
+                raise ValueError(f"Row {index} of column {column!r} holds {text!r}, not text; give every row a string.")
+            return {"text": text}
         if recipe.task == CLASSIFICATION:  # a row without a label (None) is distilled from the teacher alone
             return {"text": values["text"], "label": None if values["label"] is None else int(values["label"])}
         if recipe.label_words:  # a causal LM that answers with a label word
@@ -406,7 +451,7 @@ def to_task_rows(dataset, recipe: RecipeArguments):
             return {"source": prompt, "target": values["target"]}
         return {"prompt": prompt, "response": " " + values["target"]}
 
-    return dataset.map(build, remove_columns=columns)
+    return dataset.map(build, with_indices=True, remove_columns=columns)
 
 
 def prepare_splits(recipe: RecipeArguments, tokenizer, seed: int = 42, teacher_tokenizer=None):
