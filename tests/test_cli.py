@@ -1,6 +1,7 @@
 """The `hf-distill` command and recipes end to end on tiny local models: train, report, export, eval, demo."""
 
 import json
+import os
 import shutil
 
 import huggingface_hub
@@ -13,14 +14,9 @@ from hf_distill.runner import cli
 from hf_distill.runner.cli import TeacherArguments, main, parse_recipe
 from hf_distill.runner.scratch import small_llama
 
-from conftest import REPO, english_lines, sharpen
-from test_trainer import tiny_classifier, tiny_t5
+from conftest import DATA, FAST, REPO, english_lines, saved_classifiers, sharpen, tiny_t5
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-DATA = str(REPO / "recipes" / "data" / "bible_en_es.jsonl")
-FAST = ["--max_steps", "2", "--held_out_size", "8", "--eval_max_new_tokens", "4", "--per_device_train_batch_size", "4",
-        "--eval_strategy", "no", "--bf16", "false", "--use_cpu", "true", "--logging_steps", "1",
-        "--gradient_accumulation_steps", "1", "--report_to", "none", "--dataloader_pin_memory", "false"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
@@ -172,17 +168,6 @@ def test_bad_override_value():
         parse_recipe(str(REPO / "recipes" / "translation.yaml"), ["--alpha", "2"])
 
 
-@pytest.fixture(scope="module")
-def causal_dirs(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("models")
-    teacher = sharpen(small_llama(len(tokenizer), hidden_size=48, num_layers=2, seed=0), 5.0)
-    student = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)
-    for name, model in (("teacher", teacher), ("student", student)):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return root
-
-
 def test_train_causal_translation_recipe(tmp_path, causal_dirs, capsys):
     out = tmp_path / "run"
     code = main([
@@ -201,6 +186,7 @@ def test_train_causal_translation_recipe(tmp_path, causal_dirs, capsys):
     assert (out / "training_curves.png").stat().st_size > 1000
     card = (out / "README.md").read_text()
     assert "skew_reverse_kl" in card and str(causal_dirs / "teacher") in card and "| distilled |" in card
+    assert DATA not in card and f"`{os.path.relpath(DATA)}`" in card  # the data as given, never an absolute path
     assert (out / "_baseline" / "model.safetensors").exists()
 
     # The exported student loads with from_pretrained and runs in a pipeline.
@@ -250,15 +236,6 @@ def test_seq2seq_recipe(tmp_path, tokenizer, capsys):
     ]) == 0
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert rows[1]["parameters"] < rows[0]["parameters"] and "bleu" in rows[1]
-
-
-def saved_classifiers(tmp_path, tokenizer):
-    """(teacher folder, student folder) of two tiny binary classifiers; the teacher's holds the tokenizer."""
-    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
-    sharpen(tiny_classifier(len(tokenizer), 32, 1, seed=0, num_labels=2), 5.0).save_pretrained(teacher_dir)
-    tiny_classifier(len(tokenizer), 16, 1, seed=1, num_labels=2).save_pretrained(student_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    return teacher_dir, student_dir
 
 
 def test_classification_and_label_word_recipes(tmp_path, tokenizer):

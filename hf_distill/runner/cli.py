@@ -170,7 +170,7 @@ def parse_recipe(config_path: str | None, overrides: list[str], dataclass_types=
         # A recipe holds training settings too; eval and cache-teacher take only the fields they use.
         values = {key: value for key, value in values.items() if key in accepted}
         parser.set_defaults(**_typed_yaml_values(values, parser, dataclass_types, config_path))
-    _, rest = parser.parse_known_args(overrides)  # unknown options first: before any dataclass validates
+    namespace, rest = parser.parse_known_args(overrides)  # unknown options first: before any dataclass validates
     if rest:
         flag = next((arg for arg in rest if arg.startswith("-")), rest[0])
         name = flag.lstrip("-").replace("-", "_")
@@ -182,8 +182,27 @@ def parse_recipe(config_path: str | None, overrides: list[str], dataclass_types=
             match = difflib.get_close_matches(name, sorted(accepted), n=1)
             message = f"unknown option {flag}" + (f" (did you mean --{match[0]}?)" if match else "")
         raise UsageError(f"{message}; see `hf-distill {command} --help`.")
+    check_precision(namespace)
     parsed = parser.parse_args_into_dataclasses(args=overrides, look_for_args_file=False)
     return tuple(parsed)
+
+
+def bf16_available() -> bool:
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
+
+
+def check_precision(settings) -> None:
+    """A GPU recipe (`bf16: true`) on a machine without bf16 hardware: name the flag to change, where
+    `TrainingArguments` would ask to "assign use_cpu"."""
+    for flag in ("bf16", "bf16_full_eval"):
+        if getattr(settings, flag, False) and not getattr(settings, "use_cpu", False) and not bf16_available():
+            raise UsageError(
+                f"{flag}=True needs a GPU with bfloat16 support (or a TPU), and this machine has none: pass "
+                f"`--{flag} false` (or set `{flag}: false` in the recipe) to train in float32, or `--use_cpu true` "
+                "for bfloat16 on the CPU."
+            )
 
 
 def _typed_yaml_values(values: dict, parser: HfArgumentParser, dataclass_types, config_path: str) -> dict:

@@ -196,7 +196,7 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
                    "labeled_rows": {"train": labeled_rows(model_columns(splits["train"]), recipe.task),
                                     "of": len(splits["train"])}}, handle, indent=2, ensure_ascii=False)
 
-    card = {"dataset": recipe.dataset_name or recipe.data_files, "evaluation_table": table}
+    card = {"dataset": data_name(recipe), "evaluation_table": table}
     trainer.create_model_card(**card)
     if config.push_to_hub:  # push_to_hub writes the card again, from these arguments
         trainer.push_to_hub(commit_message=f"hf-distill: {recipe.task} student distilled from {trainer.teacher_name}",
@@ -208,6 +208,18 @@ def load_teachers(recipe: RecipeArguments, config: DistillationConfig) -> list:
     """The recipe's teacher, or teachers when `teacher_model_name_or_path` is a list."""
     kwargs = config.teacher_model_init_kwargs or {}
     return [load_model(name, kind=recipe.task, **kwargs) for name in _as_list(config.teacher_model_name_or_path)]
+
+
+def data_name(recipe: RecipeArguments) -> str | None:
+    """The recipe's data as a model card names it: a Hub id as given, a local path relative to the working
+    directory (an absolute path would publish the layout of the machine that trained)."""
+    name = recipe.dataset_name or recipe.data_files
+    if not name or not (os.path.isabs(name) or name.startswith("~")):
+        return name  # a Hub id or a relative path, as given
+    try:
+        return os.path.relpath(os.path.expanduser(name))
+    except ValueError:  # on another drive (Windows): no relative path, so the name alone
+        return os.path.basename(name)
 
 
 def _as_list(value) -> list:
