@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaModel, TrainingArguments
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cache import build_cache
 from hf_distill.data import CausalLMCollator
-from hf_distill.runner import cli
+from hf_distill.runner import arguments
 from hf_distill.runner.cli import UsageError, main
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
 
@@ -159,7 +159,7 @@ def without_bf16_gpu(build):
     """These rows run as on a machine without a bfloat16 GPU, whatever this one has."""
 
     def wrapped(user):
-        user.monkeypatch.setattr(cli, "bf16_available", lambda: False)
+        user.monkeypatch.setattr(arguments, "bf16_available", lambda: False)
         return build(user)
 
     return wrapped

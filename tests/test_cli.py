@@ -1,8 +1,11 @@
 """The `hf-distill` command and recipes end to end on tiny local models: train, report, export, eval, demo."""
 
+import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import huggingface_hub
 import pytest
@@ -10,7 +13,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_distill.config import DistillationConfig
-from hf_distill.runner import cli
+from hf_distill.runner import commands
 from hf_distill.runner.cli import TeacherArguments, main, parse_recipe
 from hf_distill.runner.scratch import small_llama
 
@@ -53,6 +56,41 @@ def test_train_help_groups_fields(capsys):
     assert "--adam_beta1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "cache-teacher", "generate-targets"])
+def test_help_reads_the_fields_the_parser_takes(command):
+    """The help is read from the dataclasses' source; it lists each field the command parses, with its help, and
+    its default and choices wherever the source spells them out."""
+    from hf_distill.runner.arguments import COMMAND_FIELDS
+    from hf_distill.runner.fields import UNKNOWN, command_fields
+
+    real = {spec.name: spec for cls in COMMAND_FIELDS[command] for spec in dataclasses.fields(cls) if spec.init}
+    read = {spec.name: spec for spec in command_fields(command)}
+    assert read.keys() == real.keys()
+    for name, spec in read.items():
+        assert spec.help == real[name].metadata.get("help", ""), name
+        if spec.default is not UNKNOWN:
+            default = real[name].default
+            if default is dataclasses.MISSING and real[name].default_factory is not dataclasses.MISSING:
+                default = real[name].default_factory()
+            assert spec.default == default, name
+        if spec.choices is not None and "choices" in real[name].metadata:
+            assert spec.choices == list(real[name].metadata["choices"]), name
+    assert read["loss_type" if command == "train" else "seed"].help
+
+
+def test_help_imports_no_torch():
+    """`hf-distill --help` and `hf-distill train --help` print without loading torch or transformers."""
+    code = ("import sys; from hf_distill.runner.cli import main; main(['train', '--help']); "
+            "heavy = {'torch', 'transformers', 'torchao'} & set(sys.modules); assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "--alpha" in result.stdout and result.stderr == ""
+    top = subprocess.run([sys.executable, "-m", "hf_distill.runner.cli", "--help"], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert top.returncode == 0 and "train" in top.stdout and top.stderr == ""
+
+
 def test_cache_teacher_help_lists_only_its_fields(capsys):
     assert main(["cache-teacher", "--help"]) == 0
     text = capsys.readouterr().out
@@ -73,7 +111,7 @@ def as_if_online(monkeypatch):
 def nothing_runs(monkeypatch):
     as_if_online(monkeypatch)
     for name in ("train_recipe", "evaluate_saved", "cache_recipe_teacher", "run_demo"):
-        monkeypatch.setattr(cli, name, refuse_to_run)
+        monkeypatch.setattr(commands, name, refuse_to_run)
 
 
 def one_line_error(capsys, *words):
@@ -137,7 +175,7 @@ def test_errors_while_running_are_one_line(capsys, monkeypatch):
         raise ValueError("The data has columns ['a']\nbut the recipe needs ['source']")
 
     as_if_online(monkeypatch)
-    monkeypatch.setattr(cli, "train_recipe", fails)
+    monkeypatch.setattr(commands, "train_recipe", fails)
     assert main(["train", str(REPO / "recipes" / "translation.yaml"), "--dataset_name", DATA]) == 2
     assert "--debug" in one_line_error(capsys, "columns ['a'] but the recipe")
 
