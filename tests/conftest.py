@@ -268,3 +268,32 @@ def run_with_checkpoints(tmp_path, name, teacher, student, dataset, tokenizer, r
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
+
+
+# ---- a user's own metric -----------------------------------------------------------------------------------
+
+
+ERROR_RATE_SCRIPT = """\
+import datasets
+import evaluate
+
+
+class ErrorRate(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="Fraction of predictions that differ from their reference.",
+            citation="",
+            inputs_description="predictions, references: lists of class ids",
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references):
+        return {"error_rate": sum(p != r for p, r in zip(predictions, references)) / len(references), "note": "text"}
+"""
+
+
+def error_rate_script(folder) -> str:
+    """An `evaluate` metric script in `folder` (one import a line: evaluate's dependency scan reads them so)."""
+    path = Path(folder) / "error_rate.py"
+    path.write_text(ERROR_RATE_SCRIPT, encoding="utf-8")
+    return str(path)

@@ -17,7 +17,7 @@ from hf_distill.runner import commands
 from hf_distill.runner.cli import TeacherArguments, main, parse_recipe
 from hf_distill.runner.scratch import small_llama
 
-from conftest import DATA, FAST, REPO, english_lines, saved_classifiers, sharpen, tiny_t5
+from conftest import DATA, FAST, REPO, english_lines, error_rate_script, saved_classifiers, sharpen, tiny_t5
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -285,9 +285,11 @@ def test_classification_and_label_word_recipes(tmp_path, tokenizer):
         "train", str(REPO / "recipes" / "sentiment_classifier.yaml"), "--teacher_model_name_or_path", str(teacher_dir),
         "--student_model_name_or_path", str(student_dir), "--tokenizer_name_or_path", str(teacher_dir),
         "--data_files", str(tmp_path / "sst.csv"), "--test_split", "train", "--output_dir", str(out), *FAST,
+        "--metrics", error_rate_script(tmp_path),  # a user's `evaluate` metric beside the built-in ones
     ]) == 0
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert all(0 <= row["accuracy"] <= 1 and "macro_f1" in row for row in rows)
+    assert all(row["error_rate"] == pytest.approx(1 - row["accuracy"]) for row in rows)
     classifier = pipeline("text-classification", model=str(out), device="cpu")
     assert classifier("And God said")[0]["label"] in ("LABEL_0", "LABEL_1")
 
