@@ -4,7 +4,7 @@ Each row makes one bad input (a setting, model, tokenizer, dataset, recipe, cach
 and checks that it is refused before the first optimizer step, with an exception of the expected type whose message
 names what was given and how to fix it, and that no file of the user's folder changed. Command-line rows run
 `hf-distill` in-process: exit status 2 and one line on stderr, and the same exception type under `--debug`.
-README.md's "Troubleshooting" table is rendered from this table (`markdown_table`), and checked to match.
+docs/troubleshooting.md's table is rendered from this table (`markdown_table`), and checked to match.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from transformers import LlamaConfig, LlamaModel, TrainingArguments
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cache import build_cache
 from hf_distill.data import CausalLMCollator
+from hf_distill.runner import arguments
 from hf_distill.runner.cli import UsageError, main
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
 
-from conftest import DATA, REPO, prompt_response_dataset, spanish_lines
-from test_trainer import tiny_classifier, tiny_t5
+from conftest import DATA, REPO, prompt_response_dataset, spanish_lines, tiny_classifier, tiny_t5
 
 NAN, INF = math.nan, math.inf
 
@@ -111,12 +111,12 @@ class User:
 @dataclass
 class Row:
     id: str
-    bad_input: str  # for the README table
+    bad_input: str  # for the table in docs/troubleshooting.md
     build: Callable[[User], Any]  # makes the bad input; returns the call that must fail (or argv for a CLI row)
     error: type[BaseException]  # the exact type raised (under --debug for a CLI row)
     given: str  # regex: the message names what was given ...
     fix: str  # ... and how to fix it
-    fix_text: str  # for the README table
+    fix_text: str  # for the table in docs/troubleshooting.md
     cli: bool = False
 
 
@@ -150,6 +150,16 @@ def offline(build):
     def wrapped(user):
         user.monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         user.monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        return build(user)
+
+    return wrapped
+
+
+def without_bf16_gpu(build):
+    """These rows run as on a machine without a bfloat16 GPU, whatever this one has."""
+
+    def wrapped(user):
+        user.monkeypatch.setattr(arguments, "bf16_available", lambda: False)
         return build(user)
 
     return wrapped
@@ -398,6 +408,12 @@ ROWS = [
         r"alpha=\[0\.5\] is not one float", r"write it like `alpha: 0\.5`", "one value", cli=True),
     Row("cli-recipe-number-for-list", "recipe `student_layers: 3`", command(student_layers=3), UsageError,
         r"student_layers=3 is not a list of int", r"`student_layers: \[3\]`", "a YAML list", cli=True),
+    Row("cli-bf16-without-gpu", "recipe `bf16: true` on a machine without a bf16 GPU",
+        without_bf16_gpu(command(bf16=True, use_cpu=False)), UsageError, r"bf16=True needs a GPU",
+        r"pass `--bf16 false`", "`--bf16 false` (or `--use_cpu true`)", cli=True),
+    Row("cli-metric-unknown", "`--metrics bleurt` (no such built-in metric or script)", command("--metrics", "bleurt"),
+        ValueError, r"metrics: 'bleurt' is neither a built-in metric", r"the path of an `evaluate` metric script",
+        "a built-in metric or an `evaluate` script's path", cli=True),
     Row("cli-recipe-bad-task", "recipe `task: regression`", command(task="regression"), ValueError,
         r"task='regression'", r"choose one of causal, seq2seq, classification", "a listed task", cli=True),
     Row("cli-bad-dtype", "`--teacher_model_init_kwargs '{\"dtype\": \"bf16\"}'`",
@@ -524,11 +540,11 @@ def test_bad_input(row, user, capsys):
     assert snapshot(user.root) == before, "a file of the user's changed"
 
 
-# ---- the README table -----------------------------------------------------------------------------------------
+# ---- the documented table -------------------------------------------------------------------------------------
 
 
 def markdown_table(rows=ROWS) -> str:
-    """The Troubleshooting table of README.md: one line per row of the table above."""
+    """The table of docs/troubleshooting.md: one line per row of the table above."""
     lines = ["| Bad input | Error | Fix |", "| --- | --- | --- |"]
     for row in rows:
         error = f"`{row.error.__name__}`" + (", exit 2" if row.cli else "")
@@ -536,6 +552,6 @@ def markdown_table(rows=ROWS) -> str:
     return "\n".join(lines)
 
 
-def test_readme_has_the_table():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert markdown_table() in readme, "README.md's Troubleshooting table is out of date: paste markdown_table()"
+def test_docs_have_the_table():
+    docs = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    assert markdown_table() in docs, "docs/troubleshooting.md's table is out of date: paste markdown_table()"

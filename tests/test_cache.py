@@ -17,8 +17,7 @@ from hf_distill import LOSS_TYPES, distillation_loss
 from hf_distill.cache import CacheSettings, build_cache, bytes_per_token, default_top_k, load_cache
 from hf_distill.loss import CachedTeacher, token_divergence, top_k_entries
 
-from conftest import prompt_response_dataset
-from test_trainer import config
+from conftest import config, prompt_response_dataset
 
 from hf_distill import DistillationTrainer
 

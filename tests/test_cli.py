@@ -1,8 +1,12 @@
 """The `hf-distill` command and recipes end to end on tiny local models: train, report, export, eval, demo."""
 
+import dataclasses
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import huggingface_hub
 import pytest
@@ -10,18 +14,13 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_distill.config import DistillationConfig
-from hf_distill.runner import cli
+from hf_distill.runner import commands
 from hf_distill.runner.cli import TeacherArguments, main, parse_recipe
 from hf_distill.runner.scratch import small_llama
 
-from conftest import REPO, english_lines, sharpen
-from test_trainer import tiny_classifier, tiny_t5
+from conftest import DATA, FAST, REPO, english_lines, error_rate_script, saved_classifiers, sharpen, tiny_t5
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-DATA = str(REPO / "recipes" / "data" / "bible_en_es.jsonl")
-FAST = ["--max_steps", "2", "--held_out_size", "8", "--eval_max_new_tokens", "4", "--per_device_train_batch_size", "4",
-        "--eval_strategy", "no", "--bf16", "false", "--use_cpu", "true", "--logging_steps", "1",
-        "--gradient_accumulation_steps", "1", "--report_to", "none", "--dataloader_pin_memory", "false"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
@@ -58,6 +57,41 @@ def test_train_help_groups_fields(capsys):
     assert "--adam_beta1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "cache-teacher", "generate-targets"])
+def test_help_reads_the_fields_the_parser_takes(command):
+    """The help is read from the dataclasses' source; it lists each field the command parses, with its help, and
+    its default and choices wherever the source spells them out."""
+    from hf_distill.runner.arguments import COMMAND_FIELDS
+    from hf_distill.runner.fields import UNKNOWN, command_fields
+
+    real = {spec.name: spec for cls in COMMAND_FIELDS[command] for spec in dataclasses.fields(cls) if spec.init}
+    read = {spec.name: spec for spec in command_fields(command)}
+    assert read.keys() == real.keys()
+    for name, spec in read.items():
+        assert spec.help == real[name].metadata.get("help", ""), name
+        if spec.default is not UNKNOWN:
+            default = real[name].default
+            if default is dataclasses.MISSING and real[name].default_factory is not dataclasses.MISSING:
+                default = real[name].default_factory()
+            assert spec.default == default, name
+        if spec.choices is not None and "choices" in real[name].metadata:
+            assert spec.choices == list(real[name].metadata["choices"]), name
+    assert read["loss_type" if command == "train" else "seed"].help
+
+
+def test_help_imports_no_torch():
+    """`hf-distill --help` and `hf-distill train --help` print without loading torch or transformers."""
+    code = ("import sys; from hf_distill.runner.cli import main; main(['train', '--help']); "
+            "heavy = {'torch', 'transformers', 'torchao'} & set(sys.modules); assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "--alpha" in result.stdout and result.stderr == ""
+    top = subprocess.run([sys.executable, "-m", "hf_distill.runner.cli", "--help"], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert top.returncode == 0 and "train" in top.stdout and top.stderr == ""
+
+
 def test_cache_teacher_help_lists_only_its_fields(capsys):
     assert main(["cache-teacher", "--help"]) == 0
     text = capsys.readouterr().out
@@ -78,7 +112,7 @@ def as_if_online(monkeypatch):
 def nothing_runs(monkeypatch):
     as_if_online(monkeypatch)
     for name in ("train_recipe", "evaluate_saved", "cache_recipe_teacher", "run_demo"):
-        monkeypatch.setattr(cli, name, refuse_to_run)
+        monkeypatch.setattr(commands, name, refuse_to_run)
 
 
 def one_line_error(capsys, *words):
@@ -142,7 +176,7 @@ def test_errors_while_running_are_one_line(capsys, monkeypatch):
         raise ValueError("The data has columns ['a']\nbut the recipe needs ['source']")
 
     as_if_online(monkeypatch)
-    monkeypatch.setattr(cli, "train_recipe", fails)
+    monkeypatch.setattr(commands, "train_recipe", fails)
     assert main(["train", str(REPO / "recipes" / "translation.yaml"), "--dataset_name", DATA]) == 2
     assert "--debug" in one_line_error(capsys, "columns ['a'] but the recipe")
 
@@ -173,17 +207,6 @@ def test_bad_override_value():
         parse_recipe(str(REPO / "recipes" / "translation.yaml"), ["--alpha", "2"])
 
 
-@pytest.fixture(scope="module")
-def causal_dirs(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("models")
-    teacher = sharpen(small_llama(len(tokenizer), hidden_size=48, num_layers=2, seed=0), 5.0)
-    student = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)
-    for name, model in (("teacher", teacher), ("student", student)):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return root
-
-
 def test_train_causal_translation_recipe(tmp_path, causal_dirs, capsys):
     out = tmp_path / "run"
     code = main([
@@ -202,6 +225,7 @@ def test_train_causal_translation_recipe(tmp_path, causal_dirs, capsys):
     assert (out / "training_curves.png").stat().st_size > 1000
     card = (out / "README.md").read_text()
     assert "skew_reverse_kl" in card and str(causal_dirs / "teacher") in card and "| distilled |" in card
+    assert DATA not in card and f"`{os.path.relpath(DATA)}`" in card  # the data as given, never an absolute path
     assert (out / "_baseline" / "model.safetensors").exists()
 
     # The exported student loads with from_pretrained and runs in a pipeline.
@@ -253,15 +277,6 @@ def test_seq2seq_recipe(tmp_path, tokenizer, capsys):
     assert rows[1]["parameters"] < rows[0]["parameters"] and "bleu" in rows[1]
 
 
-def saved_classifiers(tmp_path, tokenizer):
-    """(teacher folder, student folder) of two tiny binary classifiers; the teacher's holds the tokenizer."""
-    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
-    sharpen(tiny_classifier(len(tokenizer), 32, 1, seed=0, num_labels=2), 5.0).save_pretrained(teacher_dir)
-    tiny_classifier(len(tokenizer), 16, 1, seed=1, num_labels=2).save_pretrained(student_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    return teacher_dir, student_dir
-
-
 def test_classification_and_label_word_recipes(tmp_path, tokenizer):
     texts = english_lines(80)
     Dataset.from_dict({"sentence": texts, "label": [int("LORD" in t) for t in texts]}).to_csv(tmp_path / "sst.csv")
@@ -271,9 +286,11 @@ def test_classification_and_label_word_recipes(tmp_path, tokenizer):
         "train", str(REPO / "recipes" / "sentiment_classifier.yaml"), "--teacher_model_name_or_path", str(teacher_dir),
         "--student_model_name_or_path", str(student_dir), "--tokenizer_name_or_path", str(teacher_dir),
         "--data_files", str(tmp_path / "sst.csv"), "--test_split", "train", "--output_dir", str(out), *FAST,
+        "--metrics", error_rate_script(tmp_path),  # a user's `evaluate` metric beside the built-in ones
     ]) == 0
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert all(0 <= row["accuracy"] <= 1 and "macro_f1" in row for row in rows)
+    assert all(row["error_rate"] == pytest.approx(1 - row["accuracy"]) for row in rows)
     classifier = pipeline("text-classification", model=str(out), device="cpu")
     assert classifier("And God said")[0]["label"] in ("LABEL_0", "LABEL_1")
 

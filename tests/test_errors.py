@@ -10,8 +10,7 @@ from transformers import TrainingArguments
 from hf_distill import DistillationTrainer
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
 
-from conftest import english_lines, spanish_lines
-from test_trainer import config, make_trainer, tiny_classifier, tiny_t5
+from conftest import config, english_lines, make_trainer, spanish_lines, tiny_classifier, tiny_t5
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,7 @@ from hf_distill import DistillationTrainer
 from hf_distill.loss import LossSettings, PositionTargets, TeacherHidden, blended_loss, chunked_blended_loss
 from hf_distill.runner.scratch import small_llama
 
-from conftest import sharpen
-from test_trainer import config
+from conftest import config, sharpen
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -11,8 +11,7 @@ from hf_distill.loss import default_layer_map
 from hf_distill.modeling import student_from_teacher
 from hf_distill.runner.scratch import small_llama
 
-from conftest import prompt_response_dataset, sharpen
-from test_trainer import config
+from conftest import config, prompt_response_dataset, sharpen
 
 
 @pytest.fixture
@@ -243,7 +242,7 @@ def test_peft_student_with_hidden_term(tmp_path, cut_pair, tokenizer):
 def test_seq2seq_hidden_term_matches_decoder_reference(tmp_path, tokenizer):
     """Seq2seq models match decoder layers at the label positions (uniform map: student 0 → teacher 1)."""
     from datasets import Dataset
-    from test_trainer import tiny_t5
+    from conftest import tiny_t5
 
     from conftest import english_lines, spanish_lines
 
@@ -270,7 +269,7 @@ def test_seq2seq_hidden_term_matches_decoder_reference(tmp_path, tokenizer):
 def test_classifier_hidden_term_matches_mean_pooled_reference(tmp_path, tokenizer):
     """Classifiers match each row's mean hidden state over its real tokens."""
     from datasets import Dataset
-    from test_trainer import tiny_classifier
+    from conftest import tiny_classifier
 
     from conftest import english_lines
 

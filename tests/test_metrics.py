@@ -7,7 +7,9 @@ import sys
 import pytest
 import sacrebleu
 
-from hf_distill.runner.metrics import METRIC_NAMES, compute_metric
+from hf_distill.runner.metrics import METRIC_NAMES, compute_metric, metric_columns
+
+from conftest import error_rate_script
 
 
 def test_accuracy():
@@ -121,6 +123,20 @@ def test_unknown_metric_lists_names():
         compute_metric("nope", [], [])
     for name in METRIC_NAMES:
         assert name in str(error.value)
+
+
+def test_evaluate_metric_script_and_module(tmp_path):
+    """A local `evaluate` metric script, by path or loaded, computes beside the built-in metrics, offline."""
+    evaluate = pytest.importorskip("evaluate")
+    script = error_rate_script(tmp_path)
+    predictions, references = [0, 1, 2, 2, 1], [0, 1, 1, 2, 0]  # 2 of 5 wrong
+    assert compute_metric(script, predictions, references) == {"error_rate": pytest.approx(0.4), "note": "text"}
+    module = evaluate.load(script)
+    assert compute_metric(module, predictions=predictions, references=references)["error_rate"] == pytest.approx(0.4)
+    assert metric_columns(script, predictions, references) == {"error_rate": pytest.approx(0.4)}  # numbers only
+    assert metric_columns("accuracy", predictions, references) == {"accuracy": pytest.approx(0.6)}
+    with pytest.raises(ValueError, match=r"'no_such_metric\.py'.*path of an `evaluate` metric script"):
+        compute_metric("no_such_metric.py", predictions, references)
 
 
 def test_offline_in_a_fresh_process(tmp_path):

@@ -17,9 +17,8 @@ from hf_distill.loss import (
 )
 from hf_distill.runner.scratch import small_llama
 
-from conftest import sharpen
-from test_losses import LOSS_CASE_IDS, LOSS_CASES, np_cross_entropy, np_divergence, np_log_softmax, np_numerical_grad
-from test_trainer import config, make_trainer
+from conftest import config, make_trainer, sharpen
+from reference import LOSS_CASE_IDS, LOSS_CASES, np_cross_entropy, np_divergence, np_log_softmax, np_numerical_grad
 
 N, V, D = 7, 13, 5
 WEIGHTS = [0.7, 0.3]
@@ -202,7 +201,7 @@ def test_teachers_of_mixed_kinds_or_tokenizers_are_refused(tmp_path, tokenizer, 
     from hf_distill.runner.scratch import train_bpe_tokenizer
 
     from conftest import spanish_lines
-    from test_trainer import tiny_t5
+    from conftest import tiny_t5
 
     student = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)
     big, other = teachers_for(tokenizer)

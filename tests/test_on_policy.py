@@ -9,77 +9,20 @@ from datasets import Dataset
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.on_policy import is_on_policy_step, prompts_of, responses_batch
 
-from conftest import prompt_response_dataset
-from test_trainer import config, tiny_t5
-
-EOS, PAD = 2, 0  # train_bpe_tokenizer's ids
-
-
-def make_trainer(tmp_path, teacher, student, dataset, tokenizer, **overrides):
-    settings = dict(per_device_train_batch_size=4, max_steps=2, max_new_tokens=6, alpha=1.0)
-    return DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config(tmp_path, **(settings | overrides)),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-
-
-def record_generate(model, rewrite=None):
-    """Wrap `model.generate` to record each call (mode, grad, config, inputs) and what it returned."""
-    calls = []
-    original = model.generate
-
-    def generate(*args, **kwargs):
-        output = original(*args, **kwargs)
-        if rewrite is not None:
-            output = rewrite(output, kwargs["input_ids"].shape[1])
-        calls.append({
-            "training": model.training, "grad": torch.is_grad_enabled(), "config": kwargs["generation_config"],
-            "input_ids": kwargs["input_ids"].clone(), "attention_mask": kwargs["attention_mask"].clone(),
-            "output": output.clone(),
-        })
-        return output
-
-    model.generate = generate
-    return calls
-
-
-def record_batches(trainer):
-    """Wrap `trainer.compute_loss` to record the training batches it receives, with their target counts."""
-    batches = []
-    original = trainer.compute_loss
-
-    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            batches.append(({k: v.clone() for k, v in inputs.items()}, num_items_in_batch))
-        return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
-    trainer.compute_loss = compute_loss
-    return batches
-
-
-def weights(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
-def response_of(tokens):
-    """Generated tokens up to and including the first EOS."""
-    tokens = list(tokens)
-    return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
-
-
-def ragged_prompts(tokenizer, n=16):
-    """Prompt-response rows whose prompts have 3 to 10 tokens."""
-    rows = prompt_response_dataset(tokenizer, n=n)
-    input_ids, labels = [], []
-    for i, (ids, row_labels) in enumerate(zip(rows["input_ids"], rows["labels"])):
-        prompt, response = ids[: 3 + i % 8], ids[row_labels.count(-100) :]
-        input_ids.append(prompt + response)
-        labels.append([-100] * len(prompt) + response)
-    return Dataset.from_dict({"input_ids": input_ids, "labels": labels})
-
+from conftest import (
+    EOS,
+    PAD,
+    config,
+    on_policy_trainer as make_trainer,
+    prompt_only_dataset,
+    prompt_response_dataset,
+    ragged_prompts,
+    record_batches,
+    record_generate,
+    response_of,
+    tiny_t5,
+    weights,
+)
 
 def test_lmbda_one_trains_on_generated_tokens(tmp_path, causal_pair, tokenizer):
     teacher, student = causal_pair
@@ -177,12 +120,6 @@ def test_early_eos_in_training(tmp_path, causal_pair, causal_dataset, tokenizer)
     assert batch["labels"][0, prompt_length:end].tolist() == [first, EOS]
     assert batch["labels"][0, end:].eq(-100).all() and batch["attention_mask"][0, end:].eq(0).all()
     assert batch["input_ids"].shape[1] > end  # other rows went on to max_new_tokens
-
-
-def prompt_only_dataset(tokenizer, n=8):
-    rows = prompt_response_dataset(tokenizer, n=n)
-    prompts = [ids[: labels.count(-100)] for ids, labels in zip(rows["input_ids"], rows["labels"])]
-    return Dataset.from_dict({"input_ids": prompts, "labels": [[-100] * len(p) for p in prompts]})
 
 
 def test_prompt_only_dataset(tmp_path, causal_pair, tokenizer):
@@ -286,15 +223,15 @@ def test_refused_combinations(tmp_path, causal_pair, causal_dataset, tokenizer):
 
 def test_resume_equals_the_uninterrupted_run(tmp_path, causal_pair, tokenizer):
     """Decisions and samples depend on (seed, step) only: a resumed run repeats the uninterrupted one's."""
-    from test_resume import assert_same_logs, logs_after, other_student, run, with_dropout
+    from conftest import assert_same_logs, logs_after, other_student, run_with_checkpoints, with_dropout
 
     teacher, student = causal_pair
     dataset = prompt_response_dataset(tokenizer, n=12)
     settings = dict(lmbda=0.5, max_new_tokens=6, alpha=1.0)
     assert [is_on_policy_step(0.5, 0, step) for step in range(7)] == [False, False, True, True, True, True, True]
-    reference = run(tmp_path, "uninterrupted", teacher, with_dropout(student), dataset, tokenizer, **settings)
+    reference = run_with_checkpoints(tmp_path, "uninterrupted", teacher, with_dropout(student), dataset, tokenizer, **settings)
     checkpoint = str(tmp_path / "uninterrupted" / "checkpoint-4")
-    resumed = run(tmp_path, "resumed", teacher, other_student(tokenizer), dataset, tokenizer, resume=checkpoint, **settings)
+    resumed = run_with_checkpoints(tmp_path, "resumed", teacher, other_student(tokenizer), dataset, tokenizer, resume=checkpoint, **settings)
     assert_same_logs(logs_after(resumed, 4), logs_after(reference, 4))
     fractions = [[log["on_policy_fraction"] for log in trainer.state.log_history if log["step"] > 4 and "loss" in log]
                  for trainer in (reference, resumed)]

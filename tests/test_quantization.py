@@ -18,7 +18,8 @@ from hf_distill.quantization import (  # noqa: E402
 )
 from hf_distill.runner.scratch import small_llama  # noqa: E402
 
-from test_trainer import config, make_trainer  # noqa: E402
+from conftest import config, make_trainer  # noqa: E402
+
 
 SCHEMES = ["int8", "int4"]
 

@@ -15,62 +15,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill import DistillationConfig
 from hf_distill.cache import build_cache
 from hf_distill.checkpoints import DISTILL_STATE_NAME, is_complete_checkpoint, last_complete_checkpoint
 from hf_distill.runner.pipeline import resume_points
 from hf_distill.runner.scratch import small_llama
 
-from conftest import DATA, REPO, prompt_response_dataset
+from conftest import (
+    DATA,
+    REPO,
+    assert_same_logs,
+    logs_after,
+    other_student,
+    prompt_response_dataset,
+    run_with_checkpoints,
+    weights,
+    with_dropout,
+)
 from resume_train import MAX_STEPS, SlowSteps, make_trainer
-from test_trainer import config
 
 HERE = Path(__file__).resolve().parent
-LOGGED = ("loss", "kd_loss", "ce_loss", "hidden_loss", "grad_norm", "learning_rate")
-
-
-def weights(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
-def with_dropout(model, p=0.2):
-    """Attention dropout draws from the torch RNG at every step, so equal runs need its state restored too."""
-    for module in model.modules():
-        if hasattr(module, "attention_dropout"):
-            module.attention_dropout = p
-    return model
-
-
-def other_student(tokenizer):
-    """Other weights than the original student's: resuming must load the checkpoint's."""
-    return with_dropout(small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=7))
-
-
-def logs_after(trainer, step):
-    return [{key: log[key] for key in ("step", *LOGGED) if key in log}
-            for log in trainer.state.log_history if log["step"] > step and "loss" in log]
-
-
-def assert_same_logs(resumed, reference):
-    assert len(resumed) == len(reference) > 0
-    for got, expected in zip(resumed, reference):
-        assert got.keys() == expected.keys()
-        for key, value in expected.items():
-            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (expected["step"], key)
-
-
-def run(tmp_path, name, teacher, student, dataset, tokenizer, resume=None, **overrides):
-    """7 steps over 12 rows in batches of 4 (3 steps an epoch): checkpoints at 2, 4, 6, logs at 3 and 6."""
-    settings = dict(
-        output_dir=str(tmp_path / name), max_steps=7, save_strategy="steps", save_steps=2, logging_steps=3,
-        per_device_train_batch_size=4, learning_rate=1e-2, alpha=0.5, temperature=2.0, warmup_steps=2,
-    )
-    trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, **(settings | overrides)), train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    return trainer
 
 
 def file_hashes(folder):
@@ -100,10 +64,10 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, causal_pair, tokenizer, s
     if overrides.pop("teacher_cache", False):
         overrides["teacher_cache"] = str(build_cache(teacher, dataset, tokenizer, tmp_path / "cache", temperature=2.0))
         teacher = None
-    reference = run(tmp_path, "uninterrupted", teacher, with_dropout(student), dataset, tokenizer, **overrides)
+    reference = run_with_checkpoints(tmp_path, "uninterrupted", teacher, with_dropout(student), dataset, tokenizer, **overrides)
     checkpoint = tmp_path / "uninterrupted" / "checkpoint-4"
     start = other_student(tokenizer)
-    resumed = run(tmp_path, "resumed", teacher, start, dataset, tokenizer, resume=str(checkpoint), **overrides)
+    resumed = run_with_checkpoints(tmp_path, "resumed", teacher, start, dataset, tokenizer, resume=str(checkpoint), **overrides)
 
     expected = logs_after(reference, 4)
     assert [log["step"] for log in expected] == [6]
@@ -118,7 +82,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, causal_pair, tokenizer, s
         bare = tmp_path / "bare" / "checkpoint-4"
         shutil.copytree(checkpoint, bare)
         os.remove(bare / DISTILL_STATE_NAME)
-        unsummed = run(tmp_path, "unsummed", teacher, other_student(tokenizer), dataset, tokenizer, resume=str(bare))
+        unsummed = run_with_checkpoints(tmp_path, "unsummed", teacher, other_student(tokenizer), dataset, tokenizer, resume=str(bare))
         log = logs_after(unsummed, 4)[0]
         assert log["kd_loss"] != pytest.approx(expected[0]["kd_loss"], rel=1e-3)
         assert log["loss"] != pytest.approx(expected[0]["loss"], rel=1e-3)
@@ -131,7 +95,7 @@ def test_kill_while_saving_falls_back_to_the_previous_checkpoint(tmp_path, causa
     """A checkpoint cut short (no trainer_state.json, which Trainer writes last) is skipped by resume=True."""
     teacher, student = causal_pair
     dataset = prompt_response_dataset(tokenizer, n=12)
-    reference = run(tmp_path, "uninterrupted", teacher, with_dropout(student), dataset, tokenizer)
+    reference = run_with_checkpoints(tmp_path, "uninterrupted", teacher, with_dropout(student), dataset, tokenizer)
     killed = tmp_path / "killed"
     for step in (2, 4, 6):
         shutil.copytree(tmp_path / "uninterrupted" / f"checkpoint-{step}", killed / f"checkpoint-{step}")
@@ -147,11 +111,11 @@ def test_kill_while_saving_falls_back_to_the_previous_checkpoint(tmp_path, causa
     assert not is_complete_checkpoint(cut_state) and is_complete_checkpoint(killed / "checkpoint-4")
 
     with pytest.raises(ValueError, match="already holds a run"):
-        run(tmp_path, "killed", teacher, other_student(tokenizer), dataset, tokenizer)
+        run_with_checkpoints(tmp_path, "killed", teacher, other_student(tokenizer), dataset, tokenizer)
     with pytest.raises(ValueError, match=r"checkpoint-6'? is not a complete checkpoint.*last complete .*checkpoint-4"):
-        run(tmp_path, "killed", teacher, other_student(tokenizer), dataset, tokenizer, resume=str(half))
+        run_with_checkpoints(tmp_path, "killed", teacher, other_student(tokenizer), dataset, tokenizer, resume=str(half))
     kept = file_hashes(killed / "checkpoint-4")
-    resumed = run(tmp_path, "killed", teacher, other_student(tokenizer), dataset, tokenizer, resume=True)
+    resumed = run_with_checkpoints(tmp_path, "killed", teacher, other_student(tokenizer), dataset, tokenizer, resume=True)
     assert resumed.state.global_step == 7
     assert_same_logs(logs_after(resumed, 4), logs_after(reference, 4))
     torch.testing.assert_close(weights(resumed.model), weights(reference.model), rtol=1e-5, atol=1e-6)
@@ -212,18 +176,18 @@ def test_kill_9_while_training_then_resume(tmp_path, causal_pair, tokenizer):
 def test_an_output_dir_holding_a_run_is_not_overwritten(tmp_path, causal_pair, tokenizer):
     teacher, student = causal_pair
     dataset = prompt_response_dataset(tokenizer, n=8)
-    first = run(tmp_path, "done", teacher, copy.deepcopy(student), dataset, tokenizer, max_steps=2, save_strategy="no")
+    first = run_with_checkpoints(tmp_path, "done", teacher, copy.deepcopy(student), dataset, tokenizer, max_steps=2, save_strategy="no")
     first.save_model()
     before = file_hashes(tmp_path / "done")
     with pytest.raises(ValueError, match=r"output_dir '.*done' already holds a run \(training_args.bin\).*choose another"):
-        run(tmp_path, "done", teacher, copy.deepcopy(student), dataset, tokenizer, max_steps=2, save_strategy="no")
+        run_with_checkpoints(tmp_path, "done", teacher, copy.deepcopy(student), dataset, tokenizer, max_steps=2, save_strategy="no")
     assert file_hashes(tmp_path / "done") == before
     with pytest.raises(ValueError, match="holds no complete checkpoint"):
-        run(tmp_path, "done", teacher, copy.deepcopy(student), dataset, tokenizer, max_steps=2, resume=True)
+        run_with_checkpoints(tmp_path, "done", teacher, copy.deepcopy(student), dataset, tokenizer, max_steps=2, resume=True)
     # A folder without a run (here: the user's notes) is trained into.
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / "notes.txt").write_text("mine")
-    run(tmp_path, "fresh", teacher, copy.deepcopy(student), dataset, tokenizer, max_steps=2, save_steps=2)
+    run_with_checkpoints(tmp_path, "fresh", teacher, copy.deepcopy(student), dataset, tokenizer, max_steps=2, save_steps=2)
     assert is_complete_checkpoint(tmp_path / "fresh" / "checkpoint-2")
 
 

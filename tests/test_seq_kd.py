@@ -9,9 +9,19 @@ import torch
 from hf_distill import DistillationTrainer
 from hf_distill.on_policy import is_on_policy_step
 
-from test_on_policy import EOS, make_trainer, prompt_only_dataset, ragged_prompts, record_batches, record_generate, response_of, weights
-from test_cli import causal_dirs  # noqa: F401  (a fixture)
-from test_trainer import config, tiny_classifier, tiny_t5
+from conftest import (
+    EOS,
+    config,
+    on_policy_trainer as make_trainer,
+    prompt_only_dataset,
+    ragged_prompts,
+    record_batches,
+    record_generate,
+    response_of,
+    tiny_classifier,
+    tiny_t5,
+    weights,
+)
 
 
 def test_seq_kd_trains_on_the_teachers_greedy_tokens(tmp_path, causal_pair, tokenizer):
@@ -143,7 +153,7 @@ def test_generate_targets_then_train(tmp_path, causal_dirs, capsys):
     from conftest import REPO
     from hf_distill.runner.cli import main
     from hf_distill.runner.recipe import prepare_splits
-    from test_cli import DATA, FAST
+    from conftest import DATA, FAST
 
     recipe = str(REPO / "recipes" / "translation_causal_seq_kd.yaml")
     common = ["--teacher_model_name_or_path", str(causal_dirs / "teacher"), "--teacher_model_init_kwargs", "{}",

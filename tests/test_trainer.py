@@ -6,46 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForSequenceClassification,
-    T5Config,
-    T5ForConditionalGeneration,
+from transformers import AutoModelForCausalLM
+
+from hf_distill import DistillationTrainer, distillation_loss
+
+from conftest import (
+    config,
+    english_lines,
+    make_trainer,
+    prompt_response_dataset,
+    sharpen,
+    spanish_lines,
+    tiny_classifier,
+    tiny_t5,
 )
-
-from hf_distill import DistillationConfig, DistillationTrainer, distillation_loss
-
-from conftest import english_lines, prompt_response_dataset, sharpen, spanish_lines
-
-
-def config(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        dataloader_pin_memory=False,
-        learning_rate=1e-3,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-    )
-    settings.update(overrides)
-    return DistillationConfig(**settings)
-
-
-def make_trainer(tmp_path, teacher, student, dataset, tokenizer, **overrides):
-    return DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config(tmp_path, **overrides),
-        train_dataset=dataset,
-        eval_dataset=dataset,
-        processing_class=tokenizer,
-    )
 
 
 def first_batch(trainer):
@@ -158,16 +132,6 @@ def test_alpha_zero_does_not_run_teacher(tmp_path, causal_pair, causal_dataset, 
     assert calls and "eval_kd_loss" in metrics
 
 
-def tiny_t5(vocab_size, d_model, layers, seed):
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(
-        T5Config(
-            vocab_size=vocab_size, d_model=d_model, d_ff=2 * d_model, d_kv=16, num_heads=2, num_layers=layers,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=2, dropout_rate=0.0,
-        )
-    )
-
-
 def test_seq2seq_distillation(tmp_path, tokenizer):
     teacher = sharpen(tiny_t5(len(tokenizer), 64, 2, seed=0), 5.0)
     student = tiny_t5(len(tokenizer), 32, 1, seed=1)
@@ -185,16 +149,6 @@ def test_seq2seq_distillation(tmp_path, tokenizer):
     before = trainer.evaluate()["eval_kd_loss"]
     trainer.train()
     assert trainer.evaluate()["eval_kd_loss"] < 0.8 * before
-
-
-def tiny_classifier(vocab_size, hidden, layers, seed, num_labels=3):
-    torch.manual_seed(seed)
-    return LlamaForSequenceClassification(
-        LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=2, num_key_value_heads=2, num_labels=num_labels, pad_token_id=0,
-        )
-    )
 
 
 def test_classifier_distillation(tmp_path, tokenizer):

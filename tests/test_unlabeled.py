@@ -6,8 +6,7 @@ from datasets import Dataset
 
 from hf_distill import DistillationTrainer
 
-from conftest import english_lines, sharpen
-from test_trainer import config, tiny_classifier
+from conftest import config, english_lines, sharpen, tiny_classifier
 
 LABELS = [0, None, 2, -100, 1, None]  # rows 1, 3 and 5 have no label
 
@@ -74,7 +73,7 @@ def test_classifier_recipe_with_unlabeled_rows(tmp_path, tokenizer):
 
     from conftest import REPO
     from hf_distill.runner.cli import main
-    from test_cli import FAST, saved_classifiers
+    from conftest import FAST, saved_classifiers
 
     texts = english_lines(48)
     labels = [None if i % 4 == 0 else int("LORD" in t) for i, t in enumerate(texts)]

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..data import default_collator
 from ..loss import cross_entropy_per_position
 from ..modeling import CAUSAL, CLASSIFICATION, model_inputs, model_kind, target_positions, unwrap_model
-from .metrics import compute_metric
+from .metrics import compute_metric, metric_columns
 from .recipe import model_columns
 from .tasks import prompt_ids
 
@@ -159,12 +159,16 @@ def evaluate_model(name, model, test, tokenizer, recipe, teacher=None) -> tuple[
         references = list(test["label"])
         row["accuracy"] = compute_metric("accuracy", predictions, references)["accuracy"]
         row["macro_f1"] = compute_metric("f1", predictions, references, average="macro")["f1"]
+        for metric in recipe.metrics or []:
+            row.update(metric_columns(metric, predictions, references))
     else:
         hypotheses = generate(model, test, tokenizer, recipe.eval_max_new_tokens, recipe.use_chat_template)
         references = list(test["response"] if recipe.task == CAUSAL else test["target"])
         references = [r.strip() for r in references]
         row["bleu"] = compute_metric("bleu", hypotheses, references)["bleu"]
         row["chrf"] = compute_metric("chrf", hypotheses, references)["chrf"]
+        for metric in recipe.metrics or []:
+            row.update(metric_columns(metric, hypotheses, references))
         sources = test["prompt"] if recipe.task == CAUSAL else test["source"]
         samples = [
             {"source": s, "reference": r, "output": h}

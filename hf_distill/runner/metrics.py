@@ -1,14 +1,20 @@
-"""Task metrics of the comparison table: accuracy and F1 from scikit-learn, BLEU and chrF from sacrebleu.
+"""Task metrics of the comparison table: accuracy and F1 from scikit-learn, BLEU and chrF from sacrebleu, and any
+`evaluate` metric next to them.
 
 ```python
 from hf_distill.runner.metrics import compute_metric
 
 compute_metric("accuracy", predictions=[0, 1, 1], references=[0, 1, 0])  # {"accuracy": 0.666...}
 compute_metric("chrf", predictions=["el gato"], references=["el gato"])  # {"chrf": 100.0, ...}
+compute_metric("metrics/exact_match.py", predictions=["a"], references=["a"])  # an `evaluate` metric script
+compute_metric(evaluate.load("exact_match"), predictions=["a"], references=["a"])  # an `evaluate` module
 ```
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import sacrebleu
 from sklearn.metrics import accuracy_score, f1_score
@@ -66,8 +72,34 @@ def chrf(predictions: list[str], references: list, **kwargs) -> dict:
 _METRICS = {"accuracy": accuracy, "f1": f1, "bleu": bleu, "chrf": chrf}
 
 
-def compute_metric(name: str, predictions, references, **kwargs) -> dict:
-    """The metric `name` (one of `METRIC_NAMES`) of `predictions` against `references`, as a dict."""
-    if name not in _METRICS:
-        raise ValueError(f"Unknown metric {name!r}; choose one of {', '.join(METRIC_NAMES)}.")
-    return _METRICS[name](predictions, references, **kwargs)
+def load_metric(metric: str | Any):
+    """`metric` ready to compute: a built-in name as is, an `evaluate` module as is, or the path of an `evaluate`
+    metric script (a `.py` file or its folder) loaded with `evaluate.load`."""
+    if not isinstance(metric, str) or metric in _METRICS:
+        return metric
+    if not os.path.exists(metric):
+        raise ValueError(
+            f"Unknown metric {metric!r}; choose one of {', '.join(METRIC_NAMES)}, or give the path of an `evaluate` "
+            "metric script (or an `evaluate.EvaluationModule` from Python)."
+        )
+    import evaluate  # only where a user's metric asks for it
+
+    return evaluate.load(metric)
+
+
+def compute_metric(metric: str | Any, predictions, references, **kwargs) -> dict:
+    """The metric of `predictions` against `references`, as a dict. `metric` is one of `METRIC_NAMES`, an
+    `evaluate.EvaluationModule` (or anything with its `compute(predictions=..., references=...)`), or the path of
+    an `evaluate` metric script."""
+    metric = load_metric(metric)
+    if isinstance(metric, str):
+        return _METRICS[metric](predictions, references, **kwargs)
+    if not callable(getattr(metric, "compute", None)):
+        raise TypeError(f"metric={metric!r} has no compute(predictions=..., references=...); give an `evaluate` module.")
+    return dict(metric.compute(predictions=predictions, references=references, **kwargs) or {})
+
+
+def metric_columns(metric: str | Any, predictions, references) -> dict[str, float]:
+    """The numbers a metric returns, as columns of the comparison table (lists and texts are left out)."""
+    result = compute_metric(metric, predictions, references)
+    return {key: float(value) for key, value in result.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}

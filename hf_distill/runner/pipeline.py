@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
@@ -110,15 +111,53 @@ def _train(student, teacher, config, splits, tokenizer, callbacks=None, resume=N
     return trainer
 
 
+@dataclasses.dataclass
+class RecipeRun:
+    """What the steps of `train_recipe` share: the settings, what was loaded, and the report so far."""
+
+    recipe: RecipeArguments  # the last stage's (the recipe's own without stages)
+    config: DistillationConfig
+    chain: tuple[RecipeArguments, DistillationConfig]  # the recipe and config as given, stages included
+    resume: dict[str, str | None]
+    tokenizer: Any
+    teacher_tokenizer: Any
+    teachers: list
+    splits: Any
+    stats: dict
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    samples: dict = dataclasses.field(default_factory=dict)
+    runs: dict = dataclasses.field(default_factory=dict)  # name -> (model, trainer, folder)
+    student: Any = None
+    # Agreement (top-1, token by token) and size are measured against the recipe's (first) teacher, unless it reads
+    # other tokens; a chain's later stages keep measuring against it.
+    reference: Any = None
+
+    def __post_init__(self):
+        self.reference = self.teachers[0] if self.teacher_tokenizer is None else None
+
+
 def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=None, tokenizer=None, callbacks=None):
     """Distill (and, with `recipe.baseline`, train the alpha=0 baseline); evaluate; write report and model card.
 
-    Returns the report rows. Outputs: the student in `config.output_dir` (with README.md model card,
-    report.md/json, training_curves.png), the baseline in `output_dir/_baseline` (left out of Hub uploads),
-    with `recipe.quantize` the quantized student in `output_dir/quantized-<scheme>`, with `recipe.stages` the
-    chain's earlier students in `output_dir/stage-<i>`. Folders that hold an earlier run are refused unless
-    `config.resume_from_checkpoint` asks to resume (see `resume_points`).
+    Returns the report rows, the comparison table and the report's paths. Outputs: the student in
+    `config.output_dir` (with README.md model card, report.md/json, training_curves.png), the baseline in
+    `output_dir/_baseline` (left out of Hub uploads), with `recipe.quantize` the quantized student in
+    `output_dir/quantized-<scheme>`, with `recipe.stages` the chain's earlier students in `output_dir/stage-<i>`.
+    Folders that hold an earlier run are refused unless `config.resume_from_checkpoint` asks to resume (see
+    `resume_points`).
     """
+    run = setup_run(recipe, config, teacher, tokenizer)
+    evaluate_teachers(run)
+    run_stages(run, callbacks)
+    train_students(run, callbacks)
+    evaluate_students(run)
+    table, paths = write_run_report(run)
+    export_card(run, table)
+    return run.rows, table, paths
+
+
+def setup_run(recipe: RecipeArguments, config: DistillationConfig, teacher=None, tokenizer=None) -> RecipeRun:
+    """Check what can be checked before anything loads, then load the tokenizers, the teachers and the data."""
     if config.teacher_model_name_or_path is None and teacher is None:
         raise ValueError("The recipe names no teacher: set teacher_model_name_or_path (used for evaluation too).")
     if recipe.quantize != "none" and config.student_quantization != "none":
@@ -135,79 +174,116 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
     tokenizer = tokenizer or load_tokenizer(recipe, config)
     teachers = load_teachers(recipe, config) if teacher is None else _as_list(teacher)
     splits, stats = prepare_splits(recipe, tokenizer, seed=config.seed, teacher_tokenizer=teacher_tokenizer)
+    return RecipeRun(final_recipe, final_config, (recipe, config), resume, tokenizer, teacher_tokenizer, teachers,
+                     splits, stats)
 
-    rows, samples = [], {}
-    for name, model in zip(_teacher_row_names(teachers), teachers):
-        if teacher_tokenizer is None:
-            row, samples[name] = evaluate_model(name, model, splits["test"], tokenizer, recipe)
+
+def _evaluate(run: RecipeRun, name: str, model, folder: str | None = None) -> None:
+    row, run.samples[name] = evaluate_model(name, model, run.splits["test"], run.tokenizer, run.recipe,
+                                            teacher=run.reference)
+    run.rows.append(row if folder is None else {**row, "disk_mb": folder_bytes(folder) / 1e6})
+
+
+def evaluate_teachers(run: RecipeRun) -> None:
+    """The teachers' rows, first in the table."""
+    recipe = run.chain[0]
+    for name, model in zip(_teacher_row_names(run.teachers), run.teachers):
+        if run.teacher_tokenizer is None:
+            row, run.samples[name] = evaluate_model(name, model, run.splits["test"], run.tokenizer, recipe)
         else:  # the same test rows in the teacher's own tokens: its loss is per teacher token
             name = "teacher (own tokenizer)"
-            test = tokenize_causal(splits["test"].select_columns(["prompt", "response"]), teacher_tokenizer,
+            test = tokenize_causal(run.splits["test"].select_columns(["prompt", "response"]), run.teacher_tokenizer,
                                    max_length=recipe.max_length, min_response_tokens=recipe.min_response_tokens,
                                    use_chat_template=recipe.use_chat_template)[0]
-            row, samples[name] = evaluate_model(name, model, test, teacher_tokenizer, recipe)
-        rows.append(row)
-    # Agreement (top-1, token by token) and size are measured against the recipe's (first) teacher.
-    reference = teachers[0] if teacher_tokenizer is None else None
-    for i, stage in enumerate((recipe.stages or [])[:-1], 1):  # a chain: each stage's student teaches the next
-        student = run_stage(i, stage, recipe, config, teachers, splits, tokenizer, callbacks)
-        name = f"stage {i} ({layer_count(student)} layers)"
-        row, samples[name] = evaluate_model(name, student, splits["test"], tokenizer, recipe, teacher=reference)
-        rows.append(row)
-        teachers = [student]
-    recipe, config = final_recipe, final_config
+            row, run.samples[name] = evaluate_model(name, model, test, run.teacher_tokenizer, recipe)
+        run.rows.append(row)
 
-    student = build_student(recipe, teachers[0], calibration_batches(splits["train"], tokenizer, recipe))
-    initial_student = copy.deepcopy(student) if recipe.baseline else None
+
+def run_stages(run: RecipeRun, callbacks=None) -> None:
+    """A chain: each earlier stage's student is trained (or reused), evaluated, and teaches the next."""
+    recipe, config = run.chain
+    for i, stage in enumerate((recipe.stages or [])[:-1], 1):
+        student = run_stage(i, stage, recipe, config, run.teachers, run.splits, run.tokenizer, callbacks)
+        name = f"stage {i} ({layer_count(student)} layers)"
+        row, run.samples[name] = evaluate_model(name, student, run.splits["test"], run.tokenizer, recipe,
+                                                teacher=run.reference)
+        run.rows.append(row)
+        run.teachers = [student]
+
+
+def train_students(run: RecipeRun, callbacks=None) -> None:
+    """The distilled student and, with `baseline`, the same initial student trained without a teacher."""
+    recipe, config, splits, tokenizer = run.recipe, run.config, run.splits, run.tokenizer
+    run.student = build_student(recipe, run.teachers[0], calibration_batches(splits["train"], tokenizer, recipe))
+    initial_student = copy.deepcopy(run.student) if recipe.baseline else None
     # Pushed once, at the end, with the model card and evaluation table (not at every save).
-    trainer = _train(student, teachers, dataclasses.replace(config, push_to_hub=False), splits, tokenizer, callbacks,
-                     resume["distilled"], teacher_tokenizer)
-    runs = {"distilled": (trainer.model, trainer, config.output_dir)}
+    trainer = _train(run.student, run.teachers, dataclasses.replace(config, push_to_hub=False), splits, tokenizer,
+                     callbacks, run.resume["distilled"], run.teacher_tokenizer)
+    run.runs["distilled"] = (trainer.model, trainer, config.output_dir)
     if recipe.baseline:
         baseline_config = dataclasses.replace(
             # No teacher, so nothing to score the student's own samples either: the baseline trains on the data only.
             config, alpha=0.0, lmbda=0.0, seq_kd=False, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
             run_name=f"{config.run_name or 'run'}-baseline",
         )
-        baseline = _train(initial_student, teachers, baseline_config, splits, tokenizer, callbacks, resume["baseline"],
-                          teacher_tokenizer)
-        runs["baseline (no teacher)"] = (baseline.model, baseline, baseline_config.output_dir)
+        baseline = _train(initial_student, run.teachers, baseline_config, splits, tokenizer, callbacks,
+                          run.resume["baseline"], run.teacher_tokenizer)
+        run.runs["baseline (no teacher)"] = (baseline.model, baseline, baseline_config.output_dir)
 
-    for name, (model, _, folder) in runs.items():
-        row, samples[name] = evaluate_model(name, model, splits["test"], tokenizer, recipe, teacher=reference)
-        rows.append({**row, "disk_mb": folder_bytes(folder) / 1e6})
-    if recipe.quantize != "none":
-        folder = save_quantized(config.output_dir, os.path.join(config.output_dir, f"quantized-{recipe.quantize}"),
-                                recipe.quantize, kind=recipe.task)
-        name = f"distilled + {recipe.quantize}"
-        row, samples[name] = evaluate_model(name, load_model(folder, kind=recipe.task), splits["test"], tokenizer, recipe,
-                                            teacher=reference)
-        rows.append({**row, "disk_mb": folder_bytes(folder) / 1e6})
-    for row in rows[1:]:
-        row["size_vs_teacher"] = row["parameters"] / rows[0]["parameters"]
-    table = comparison_table(rows)
-    histories = {name: run.state.log_history for name, (_, run, _) in runs.items()}
-    paths = write_report(
-        rows, histories, config.output_dir, title=f"Distillation report: {recipe.task}", student=describe_student(student)
-    )
+
+def evaluate_students(run: RecipeRun) -> None:
+    """The trained students' rows, then, with `quantize`, the student exported quantized and its row."""
+    for name, (model, _, folder) in run.runs.items():
+        _evaluate(run, name, model, folder)
+    if run.recipe.quantize != "none":  # after the rows above: the student's folder size leaves this export out
+        scheme, output_dir = run.recipe.quantize, run.config.output_dir
+        folder = save_quantized(output_dir, os.path.join(output_dir, f"quantized-{scheme}"), scheme, kind=run.recipe.task)
+        _evaluate(run, f"distilled + {scheme}", load_model(folder, kind=run.recipe.task), folder)
+    for row in run.rows[1:]:
+        row["size_vs_teacher"] = row["parameters"] / run.rows[0]["parameters"]
+
+
+def write_run_report(run: RecipeRun):
+    """The comparison table, the report files and samples.json in `output_dir`; returns (table, report paths)."""
+    recipe, config, splits = run.recipe, run.config, run.splits
+    table = comparison_table(run.rows)
+    histories = {name: trainer.state.log_history for name, (_, trainer, _) in run.runs.items()}
+    paths = write_report(run.rows, histories, config.output_dir, title=f"Distillation report: {recipe.task}",
+                         student=describe_student(run.student))
     with open(os.path.join(config.output_dir, "samples.json"), "w", encoding="utf-8") as handle:
-        json.dump({"samples": samples, "truncation": {k: dataclasses.asdict(v) for k, v in stats.items()},
+        json.dump({"samples": run.samples, "truncation": {k: dataclasses.asdict(v) for k, v in run.stats.items()},
                    # Training rows with a target: the rest (unlabeled classifier rows) were distilled from the teacher alone.
                    "labeled_rows": {"train": labeled_rows(model_columns(splits["train"]), recipe.task),
                                     "of": len(splits["train"])}}, handle, indent=2, ensure_ascii=False)
+    return table, paths
 
-    card = {"dataset": recipe.dataset_name or recipe.data_files, "evaluation_table": table}
+
+def export_card(run: RecipeRun, table: str) -> None:
+    """The model card beside the student, and with `push_to_hub` the upload."""
+    trainer = run.runs["distilled"][1]
+    card = {"dataset": data_name(run.recipe), "evaluation_table": table}
     trainer.create_model_card(**card)
-    if config.push_to_hub:  # push_to_hub writes the card again, from these arguments
-        trainer.push_to_hub(commit_message=f"hf-distill: {recipe.task} student distilled from {trainer.teacher_name}",
+    if run.config.push_to_hub:  # push_to_hub writes the card again, from these arguments
+        trainer.push_to_hub(commit_message=f"hf-distill: {run.recipe.task} student distilled from {trainer.teacher_name}",
                             **card)
-    return rows, table, paths
 
 
 def load_teachers(recipe: RecipeArguments, config: DistillationConfig) -> list:
     """The recipe's teacher, or teachers when `teacher_model_name_or_path` is a list."""
     kwargs = config.teacher_model_init_kwargs or {}
     return [load_model(name, kind=recipe.task, **kwargs) for name in _as_list(config.teacher_model_name_or_path)]
+
+
+def data_name(recipe: RecipeArguments) -> str | None:
+    """The recipe's data as a model card names it: a Hub id as given, a local path relative to the working
+    directory (an absolute path would publish the layout of the machine that trained)."""
+    name = recipe.dataset_name or recipe.data_files
+    if not name or not (os.path.isabs(name) or name.startswith("~")):
+        return name  # a Hub id or a relative path, as given
+    try:
+        return os.path.relpath(os.path.expanduser(name))
+    except ValueError:  # on another drive (Windows): no relative path, so the name alone
+        return os.path.basename(name)
 
 
 def _as_list(value) -> list:

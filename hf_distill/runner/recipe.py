@@ -14,6 +14,7 @@ from ..data import TEACHER_PROMPT_COLUMN
 from ..modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, load_model, student_from_teacher
 from ..pruning import prune_student
 from ..quantization import QUANTIZATION_SCHEMES, check_scheme
+from .metrics import METRIC_NAMES
 from .tasks import MODEL_COLUMNS, prompt_ids, tokenize_causal, tokenize_classification, tokenize_seq2seq, tokenize_text
 
 logger = logging.get_logger(__name__)
@@ -109,6 +110,10 @@ class RecipeArguments:
             Generation length for translation metrics (on-policy training has its own `max_new_tokens`).
         num_samples (`int`, defaults to `5`):
             Generated samples shown in the report.
+        metrics (`list[str]`, *optional*):
+            More metrics for the report, computed on the same predictions as the task's own: built-in names
+            (accuracy, f1, bleu, chrf) or paths of `evaluate` metric scripts (loaded with `evaluate.load`). Each
+            number a metric returns becomes a column.
         quantize (`str`, defaults to `"none"`):
             After training, also export the student quantized (`int8` / `int4`, weight-only, torchao) to
             `output_dir/quantized-<scheme>` and add its row (bytes on disk, latency, metrics) to the report.
@@ -221,6 +226,12 @@ class RecipeArguments:
         metadata={"help": "Generation length for translation metrics (on-policy training has its own max_new_tokens)."},
     )
     num_samples: int = field(default=5, metadata={"help": "Generated samples shown in the report."})
+    metrics: list[str] | None = field(
+        default=None,
+        metadata={"help": "More metrics for the report, computed on the same predictions as the task's own: built-in "
+                  "names (accuracy, f1, bleu, chrf) or paths of `evaluate` metric scripts (loaded with evaluate.load). "
+                  "Each number a metric returns becomes a column."},
+    )
     quantize: str = field(
         default="none",
         metadata={"help": "After training, also export the student quantized (int8 / int4 weight-only, torchao) to "
@@ -255,6 +266,12 @@ class RecipeArguments:
         if self.dataset_name is None and self.data_files is None:
             raise ValueError("Give the data: dataset_name (Hub id, save_to_disk folder or file) or data_files.")
         check_scheme("quantize", self.quantize)
+        for metric in self.metrics or []:  # refused now, not after training
+            if metric not in METRIC_NAMES and not os.path.exists(metric):
+                raise ValueError(
+                    f"metrics: {metric!r} is neither a built-in metric ({', '.join(METRIC_NAMES)}) nor the path of an "
+                    "`evaluate` metric script; give one of those."
+                )
         self.stages = parse_stages(self.stages)
 
 
