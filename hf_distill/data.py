@@ -12,7 +12,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 from transformers.utils import logging
 
 from .loss.cross_tokenizer import one_to_one_spans
-from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, unwrap_model
+from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, position_limit, unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -175,8 +175,8 @@ def check_rows_fit(dataset, kind: str, name: str, models: list) -> None:
                 f"{name} has token id {largest} but {model_name} embeds only {vocab} tokens (ids 0..{vocab - 1}): "
                 "tokenize the data with the student's tokenizer, or resize the model's embeddings to it."
             )
-        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        if isinstance(limit, int) and longest > limit:
+        limit = position_limit(model)
+        if limit is not None and longest > limit:
             raise ValueError(
                 f"{name} has rows of up to {longest} tokens but {model_name} takes at most {limit} positions "
                 f"(max_position_embeddings): truncate them, e.g. tokenizer(..., truncation=True, max_length={limit}), "
@@ -200,27 +200,6 @@ def _embedding_rows(model) -> int | None:
     except (AttributeError, NotImplementedError):
         return None
     return weight.shape[0] if weight is not None and weight.dim() == 2 else None
-
-
-@dataclass
-class CachedTeacherCollator:
-    """Wraps a collator: cached teacher entries of each row are flattened into (positions, k) tensors.
-
-    Rows are concatenated in order, matching the trainer's row-major selection of target positions.
-    """
-
-    collator: Any
-    top_k: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        cached = [{key: feature.pop(key) for key in ("teacher_ids", "teacher_logprobs", "teacher_lse")} for feature in features]
-        batch = self.collator(features)
-        batch["teacher_ids"] = torch.cat([torch.as_tensor(c["teacher_ids"], dtype=torch.long) for c in cached]).view(-1, self.top_k)
-        batch["teacher_logprobs"] = torch.cat(
-            [torch.as_tensor(c["teacher_logprobs"], dtype=torch.float32) for c in cached]
-        ).view(-1, self.top_k)
-        batch["teacher_lse"] = torch.cat([torch.as_tensor(c["teacher_lse"], dtype=torch.float32) for c in cached])
-        return batch
 
 
 # A row's prompt in a teacher's own tokens (cross_tokenizer), when the data carries it.

@@ -173,3 +173,34 @@ def distillation_model_card(info: dict, evaluation_table: str | None = None) -> 
         sections.append("## Evaluation\n\n" + evaluation_table.strip())
     sections.append("## Usage\n\n" + _usage(repo_id, pipeline_task))
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def distillation_info(args, student, teacher_name: str, kind, **known) -> dict:
+    """What the card says of a `DistillationTrainer` run: the models, the settings that shaped the loss, the features
+    that were on, and `known` (dataset, steps, repo_id, license)."""
+    from .modeling import unwrap_model
+    from .pruning import describe_student
+
+    student = unwrap_model(student)
+    info = {
+        "teacher": teacher_name,
+        "student": getattr(student.config, "_name_or_path", None) or type(student).__name__,
+        "task": str(kind),
+        **known,
+        "student_made_by": describe_student(student),
+    }
+    if args.student_quantization != "none":
+        info["quantization"] = (f"{args.student_quantization} weight-only (torchao), trained quantization-aware "
+                                "against the full-precision teacher")
+    if args.lmbda > 0:
+        info["on_policy"] = (f"lmbda={args.lmbda}: that fraction of steps trained on the student's own sampled "
+                             f"responses (max_new_tokens={args.max_new_tokens}, generation_temperature="
+                             f"{args.generation_temperature})")
+    if args.seq_kd:
+        info["sequence-level distillation"] = (f"seq_kd: trained on the teacher's "
+                                               f"{'sampled' if args.seq_kd_sampling else 'greedy'} responses to the "
+                                               f"prompts (max_new_tokens={args.max_new_tokens})")
+    for key in ("loss_type", "temperature", "alpha", "beta", "skew", "hidden_loss_weight",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate"):
+        info[key] = getattr(args, key)
+    return info

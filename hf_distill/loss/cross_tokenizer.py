@@ -184,10 +184,10 @@ def aligned_blended_loss(
                 beta=beta, skew=skew,
             ).sum()
         kd_sum = kd.detach()
-        if kd_scale != 0:
+        if torch.is_tensor(kd_scale) or kd_scale != 0:
             loss = loss + kd_scale * kd
     ce = cross_entropy_per_position(student_logits, targets)
     ce = torch.where(ce_mask, ce, torch.zeros_like(ce)).sum()
-    if ce_scale != 0:
+    if torch.is_tensor(ce_scale) or ce_scale != 0:
         loss = loss + ce_scale * ce
     return loss, kd_sum, ce.detach()

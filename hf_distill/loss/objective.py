@@ -25,11 +25,11 @@ from .blended import (
     block_loss,
     chunked_blended_loss,
     default_chunk_size,
+    is_on,
 )
 from .cross_tokenizer import AlignedTeacher, aligned_blended_loss
-from .divergences import check_loss_settings
-from .ensemble import TeacherEnsemble, check_reduction, normalized_weights
-from .hidden import HIDDEN_LOSS_TYPES, hidden_state_sum
+from .ensemble import TeacherEnsemble, normalized_weights
+from .hidden import hidden_state_sum
 
 
 @dataclass
@@ -96,15 +96,12 @@ class DistillationLoss:
         multi_teacher: str = "mean_probs",
         teacher_weights: list[float] | None = None,
     ):
-        check_loss_settings(loss_type, temperature, beta, skew)
-        if hidden_loss_type not in HIDDEN_LOSS_TYPES:
-            raise ValueError(f"hidden_loss_type={hidden_loss_type!r}; choose one of {', '.join(HIDDEN_LOSS_TYPES)}.")
+        # The settings are checked where they are set (`DistillationConfig`); the loss trusts them.
         self.settings = LossSettings(loss_type, temperature, beta, skew, cache_tail, compile=compile)
         self.alpha = alpha
         self.chunk_size = chunk_size
         self.hidden_loss_weight = hidden_loss_weight
         self.hidden_loss_type = hidden_loss_type
-        check_reduction(multi_teacher)
         self.multi_teacher = multi_teacher
         self.teacher_weights = teacher_weights
 
@@ -131,15 +128,26 @@ class DistillationLoss:
             return members[0]
         return TeacherEnsemble(members, normalized_weights(self.teacher_weights, len(members)), self.multi_teacher)
 
-    def positions(self, targets, kd_mask, ce_mask, n_kd: int, n_ce: int) -> PositionTargets:
-        """Targets and term scales for positions whose counts over the accumulated batch are `n_kd`, `n_ce`."""
-        n_kd, n_ce = max(n_kd, 1), max(n_ce, 1)
+    def positions(self, targets, kd_mask, ce_mask, n_kd, n_ce, kd_everywhere: bool | None = None) -> PositionTargets:
+        """Targets and term scales for positions whose counts over the accumulated batch are `n_kd`, `n_ce`.
+
+        The counts may be tensors on the device (no host sync); a term of weight 0 gets the scale 0.0, so it is left
+        out of the loss. `kd_everywhere`: every position is distilled (known without looking at `kd_mask`).
+        """
+        def scale(weight, count):
+            if weight == 0:
+                return 0.0
+            return weight / (count.clamp_min(1) if torch.is_tensor(count) else max(count, 1))
+
         return PositionTargets(
-            targets, kd_mask, ce_mask, self.alpha / n_kd, (1 - self.alpha) / n_ce, self.hidden_loss_weight / n_kd
+            targets, kd_mask, ce_mask, scale(self.alpha, n_kd), scale(1 - self.alpha, n_ce),
+            scale(self.hidden_loss_weight, n_kd), kd_everywhere,
         )
 
     def __call__(self, student: StudentOutput, teacher: TeacherOutput | None, positions: PositionTargets) -> LossOutput:
         distribution = None if teacher is None else teacher.distribution
+        if isinstance(distribution, list):  # several teachers at the same positions
+            distribution = self.teacher_distribution(distribution)
         if isinstance(distribution, AlignedTeacher):  # another tokenizer: aligned positions, whole logits
             head = student.head
             logits = student.logits if head is None else F.linear(student.hidden, head.weight, head.bias)
@@ -169,7 +177,7 @@ class DistillationLoss:
             members = None
 
         hidden_sum = loss.new_zeros(())
-        if positions.hidden_scale and teacher is not None and teacher.layers:
+        if is_on(positions.hidden_scale) and teacher is not None and teacher.layers:
             hidden = hidden_state_sum(student.layers, teacher.layers, positions.kd_mask, self.hidden_loss_type)
             loss = loss + positions.hidden_scale * hidden
             hidden_sum = hidden.detach()
