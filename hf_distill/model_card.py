@@ -10,6 +10,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .loss.divergences import DIVERGENCES
+
 # The pipeline task of each kind of student, for the `pipeline_tag` metadata and the usage example.
 PIPELINE_TASKS = {
     "causal": "text-generation",
@@ -17,16 +19,8 @@ PIPELINE_TASKS = {
     "classification": "text-classification",
 }
 
-LOSS_DESCRIPTIONS = {
-    "forward_kl": "forward KL, KL(teacher ‖ student)",
-    "reverse_kl": "reverse KL, KL(student ‖ teacher)",
-    "jsd": "generalized Jensen-Shannon divergence",
-    "skew_kl": "skew KL (DistiLLM)",
-    "skew_reverse_kl": "skew reverse KL (DistiLLM)",
-    "tvd": "total variation distance",
-    "mse": "mean squared error on logits",
-    "cosine": "cosine distance on logits",
-}
+# One line per loss type, from the registry of divergences.
+LOSS_DESCRIPTIONS = {name: divergence.description for name, divergence in DIVERGENCES.items()}
 
 TAGS = ["hf-distill", "distillation"]
 

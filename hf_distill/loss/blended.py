@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Union
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,12 @@ class TeacherHidden:
             return self.head(self.hidden[part])
 
 
-Teacher = Union[TeacherLogits, TeacherHidden, CachedTeacher, TeacherEnsemble]
+class Teacher(Protocol):
+    """A teacher target at the selected positions, as the loss takes it: `TeacherLogits`, `TeacherHidden`,
+    `CachedTeacher` or a `TeacherEnsemble` of the first two. The loss asks it for one thing, its rows at positions
+    `part` (a slice of the selected positions): logits (n, V_t), cached entries, or each member's logits."""
+
+    def rows(self, part: slice): ...
 
 
 def token_divergence(

@@ -19,9 +19,6 @@ from .blended import (
     LossSettings,
     PositionTargets,
     Teacher,
-    TeacherHidden,
-    TeacherLogits,
-    blended_loss,
     block_loss,
     chunked_blended_loss,
     default_chunk_size,
@@ -148,6 +145,8 @@ class DistillationLoss:
         distribution = None if teacher is None else teacher.distribution
         if isinstance(distribution, list):  # several teachers at the same positions
             distribution = self.teacher_distribution(distribution)
+        # The one dispatch on the teacher target: another tokenizer's aligned rows, or (chunked or whole) rows at the
+        # selected positions of any `TeacherTarget` (logits, hidden states + head, cached entries, an ensemble).
         if isinstance(distribution, AlignedTeacher):  # another tokenizer: aligned positions, whole logits
             head = student.head
             logits = student.logits if head is None else F.linear(student.hidden, head.weight, head.bias)
@@ -165,16 +164,11 @@ class DistillationLoss:
                 student.hidden, head.weight, head.bias, distribution, positions, self.settings, chunk_size,
                 return_member_sums=True,
             )
-        elif isinstance(distribution, TeacherEnsemble):
-            rows = distribution.rows(slice(None))
+        else:  # whole logits at the selected positions: any teacher target gives its rows for them
+            rows = None if distribution is None else distribution.rows(slice(None))
             loss, kd_sum, ce_sum, _, members = block_loss(
                 student.logits, distribution, rows, positions, self.settings, closed_form=False
             )
-        else:
-            if isinstance(distribution, (TeacherLogits, TeacherHidden)):  # the whole of a teacher's logits
-                distribution = distribution.rows(slice(None))
-            loss, kd_sum, ce_sum = blended_loss(student.logits, distribution, positions, self.settings)
-            members = None
 
         hidden_sum = loss.new_zeros(())
         if is_on(positions.hidden_scale) and teacher is not None and teacher.layers:
@@ -183,6 +177,6 @@ class DistillationLoss:
             hidden_sum = hidden.detach()
         # Keep the student in the graph when no position is selected, so distributed backward stays in step.
         loss = loss + 0.0 * student.anchor.sum()
-        members = members if isinstance(distribution, TeacherEnsemble) else None
+        members = None if members is None or not len(members) else members  # each of several teachers' Σ KD
         return LossOutput(loss, kd_sum, ce_sum, hidden_sum, members)
 
