@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import TrainerCallback
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -131,3 +132,13 @@ class LossLog:
         for mode, values in state["metric_sums"].items():
             self.sums[mode] = None if values is None or not is_main_process else torch.tensor(values, device=self.device)
         self.on_policy_steps = list(state.get("on_policy_steps", [0, 0]))
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Raise before the optimizer applies a step whose loss is not finite (read once a step, not per micro-batch)."""
+
+    def __init__(self, loss_log: LossLog):
+        self.loss_log = loss_log
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.loss_log.raise_if_not_finite(args.alpha, state.global_step)

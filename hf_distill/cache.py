@@ -40,12 +40,11 @@ from transformers.utils import logging
 
 from .data import default_collator
 from .loss import top_k_entries
-from .modeling import CAUSAL, output_size, target_positions
+from .modeling import CACHE_COLUMNS, CAUSAL, output_size, target_positions
 
 logger = logging.get_logger(__name__)
 
 INFO_FILE = "cache_info.json"
-CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_lse")
 MAX_BYTES_PER_TOKEN = 256
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from transformers.utils import logging
 
+from .cross_tokenizer import aligned_masks
 from .loss import (
     AlignedTeacher,
     CachedTeacher,
@@ -18,14 +19,12 @@ from .loss import (
     TeacherHidden,
     TeacherLogits,
     TeacherOutput,
-    aligned_response_masks,
 )
 from .modeling import (
+    BATCH_TARGET_KEYS,
     CAUSAL,
     CLASSIFICATION,
     SEQ2SEQ,
-    BATCH_TARGET_KEYS,
-    TEACHER_TOKEN_KEYS,
     model_inputs,
     target_positions,
     unwrap_model,
@@ -71,21 +70,7 @@ def batch_targets(inputs: dict[str, Any], kind, distill_all_tokens: bool = False
     targets, ce_mask, kd_mask = target_positions(inputs["labels"], inputs.get("attention_mask"), kind, distill_all_tokens)
     if not cross_tokenizer:
         return BatchTargets(targets, ce_mask, kd_mask)
-    return BatchTargets(targets, ce_mask, *_aligned_masks(inputs, kd_mask, cross_tokenizer), response_mask=kd_mask)
-
-
-def _aligned_masks(inputs: dict[str, Any], student_mask: torch.Tensor, cross_tokenizer: str):
-    """`cross_tokenizer`: (student, teacher) masks of the response positions paired k-th with k-th."""
-    if "teacher_labels" not in inputs:
-        raise ValueError(
-            f"cross_tokenizer={cross_tokenizer!r} needs each batch in the teacher's tokens too "
-            f"({', '.join(TEACHER_TOKEN_KEYS)}); this batch has only {sorted(inputs)}. A custom data_collator "
-            "must keep the keys that hf_distill.data.CrossTokenizerCollator adds."
-        )
-    if "aligned_labels" in inputs:  # 'align': only the tokens whose span lines up with a teacher token
-        student_mask = student_mask & target_positions(inputs["aligned_labels"], inputs.get("attention_mask"), CAUSAL)[2]
-    teacher_mask = target_positions(inputs["teacher_labels"], inputs["teacher_attention_mask"], CAUSAL)[2]
-    return aligned_response_masks(student_mask, teacher_mask)
+    return BatchTargets(targets, ce_mask, *aligned_masks(inputs, kd_mask, cross_tokenizer), response_mask=kd_mask)
 
 
 class ForwardPasses:

@@ -10,17 +10,12 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .loss.divergences import DIVERGENCES
-
 # The pipeline task of each kind of student, for the `pipeline_tag` metadata and the usage example.
 PIPELINE_TASKS = {
     "causal": "text-generation",
     "seq2seq": "text2text-generation",
     "classification": "text-classification",
 }
-
-# One line per loss type, from the registry of divergences.
-LOSS_DESCRIPTIONS = {name: divergence.description for name, divergence in DIVERGENCES.items()}
 
 TAGS = ["hf-distill", "distillation"]
 
@@ -60,6 +55,14 @@ def _as_list(value: Any) -> list[str]:
     return [str(item) for item in value]
 
 
+def _loss_description(loss_type: str) -> str | None:
+    """The registry's one line for a loss type (imported here, so reading this module needs no torch)."""
+    from .loss.divergences import DIVERGENCES
+
+    divergence = DIVERGENCES.get(loss_type)
+    return None if divergence is None else divergence.description
+
+
 def _pipeline_task(info: dict) -> str | None:
     task = info.get("task")
     if task is None:
@@ -81,7 +84,7 @@ def _settings(info: dict, pipeline_task: str | None, datasets: list[str]) -> lis
     if datasets:
         made.append("- **Data:** " + ", ".join(f"`{dataset}`" for dataset in datasets))
     if loss_type:
-        description = LOSS_DESCRIPTIONS.get(loss_type)
+        description = _loss_description(loss_type)
         made.append(f"- **Distillation loss:** `{loss_type}`" + (f" ({description})" if description else ""))
     if "temperature" in info:
         made.append(f"- **Temperature:** {info['temperature']}")
@@ -172,7 +175,7 @@ def distillation_model_card(info: dict, evaluation_table: str | None = None) -> 
 def distillation_info(args, student, teacher_name: str, kind, **known) -> dict:
     """What the card says of a `DistillationTrainer` run: the models, the settings that shaped the loss, the features
     that were on, and `known` (dataset, steps, repo_id, license)."""
-    from .modeling import unwrap_model
+    from .modeling import unwrap_model  # the model stack only when a trainer asks (see _loss_description)
     from .pruning import describe_student
 
     student = unwrap_model(student)

@@ -43,10 +43,9 @@ CAUSAL, SEQ2SEQ, CLASSIFICATION = TaskKind.CAUSAL, TaskKind.SEQ2SEQ, TaskKind.CL
 TEACHER_TOKEN_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "aligned_labels")
 # A micro-batch's targets and masks, computed once when the step's batches are fetched (`hf_distill.forward.BatchTargets`).
 BATCH_TARGET_KEYS = ("distill_targets", "distill_ce_mask", "distill_kd_mask", "distill_teacher_mask", "distill_response_mask")
-TARGET_KEYS = (
-    "labels", "num_items_in_batch", "teacher_ids", "teacher_logprobs", "teacher_lse", *BATCH_TARGET_KEYS,
-    *TEACHER_TOKEN_KEYS,
-)
+# A cached teacher's entries, as columns of the cache and keys of a batch (`hf_distill.cache`).
+CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_lse")
+TARGET_KEYS = ("labels", "num_items_in_batch", *CACHE_COLUMNS, *BATCH_TARGET_KEYS, *TEACHER_TOKEN_KEYS)
 _AUTO_CLASSES = {
     CAUSAL: AutoModelForCausalLM,
     SEQ2SEQ: AutoModelForSeq2SeqLM,

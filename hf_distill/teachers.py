@@ -12,7 +12,8 @@ from peft import get_peft_model
 from transformers.utils import logging
 
 from .checks import check_cross_tokenizer_models, check_several_teachers
-from .loss import default_layer_map, shared_vocabulary
+from .cross_tokenizer import shared_vocabulary_ids
+from .loss import default_layer_map
 from .modeling import (
     CAUSAL,
     CLASSIFICATION,
@@ -88,24 +89,8 @@ def _other_tokenizer_teacher(student, teacher, tokenizer, args, processing_class
     """`cross_tokenizer`: one causal teacher, and both tokenizers (the teacher's loaded from its folder if not given)."""
     teacher, tokenizer = _load(teacher, tokenizer, args)
     check_cross_tokenizer_models(args, student, teacher, processing_class, tokenizer)
-    shared = _shared_vocabulary(processing_class, tokenizer, student, teacher) if args.cross_tokenizer == "align" else None
+    shared = shared_vocabulary_ids(processing_class, tokenizer, student, teacher) if args.cross_tokenizer == "align" else None
     return Teachers([teacher], tokenizer, shared)
-
-
-def _shared_vocabulary(student_tokenizer, teacher_tokenizer, student, teacher):
-    """cross_tokenizer='align': (student ids, teacher ids) of the tokens both vocabularies spell alike, within both
-    models' output rows; refused when there are none."""
-    student_vocab = getattr(student_tokenizer, "tokenizer", student_tokenizer).get_vocab()
-    teacher_vocab = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer).get_vocab()
-    student_ids, teacher_ids = shared_vocabulary(student_vocab, teacher_vocab)
-    fits = (student_ids < output_size(student)) & (teacher_ids < output_size(teacher))
-    if not bool(fits.any()):
-        raise ValueError(
-            f"cross_tokenizer='align' compares the tokens both vocabularies spell alike, but the student's "
-            f"{len(student_vocab)} tokens and the teacher's {len(teacher_vocab)} share none (a byte-level BPE and a "
-            "SentencePiece vocabulary spell words differently): use cross_tokenizer='uld'."
-        )
-    return student_ids[fits], teacher_ids[fits]
 
 
 # ---- the hidden-state term --------------------------------------------------------------------------

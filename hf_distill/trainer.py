@@ -10,16 +10,17 @@ import os
 
 import torch
 import torch.nn as nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .bookkeeping import LossLog
+from .bookkeeping import LossLog, StopOnNonFiniteLoss
 from .cache import CACHE_COLUMNS, attach_cache
 from .checkpoints import read_distill_state, resolve_resume, write_distill_state
 from .checks import check_args, check_generation, check_quantized_student, check_some_labels
 from .config import DistillationConfig
-from .data import TEACHER_PROMPT_COLUMN, CrossTokenizerCollator, check_train_dataset, default_collator
+from .cross_tokenizer import CrossTokenizerCollator
+from .data import TEACHER_PROMPT_COLUMN, check_train_dataset, default_collator
 from .forward import ForwardPasses, batch_targets
 from .loss import DistillationLoss
 from .model_card import distillation_info, distillation_model_card
@@ -131,7 +132,7 @@ class DistillationTrainer(Trainer):
             args, processing_class, seq2seq=kind == SEQ2SEQ, max_positions=min(limits, default=None),
             synced=args.world_size > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled),
         )
-        self.add_callback(_StopOnNonFiniteLoss(self.loss_log))
+        self.add_callback(StopOnNonFiniteLoss(self.loss_log))
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -301,12 +302,3 @@ class DistillationTrainer(Trainer):
         os.makedirs(self.args.output_dir, exist_ok=True)
         distillation_model_card(info, evaluation_table).save(os.path.join(self.args.output_dir, "README.md"))
 
-
-class _StopOnNonFiniteLoss(TrainerCallback):
-    """Raise before the optimizer applies a step whose loss is not finite (read once a step, not per micro-batch)."""
-
-    def __init__(self, loss_log: LossLog):
-        self.loss_log = loss_log
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.loss_log.raise_if_not_finite(args.alpha, state.global_step)
