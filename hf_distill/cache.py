@@ -28,6 +28,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,12 +40,11 @@ from transformers.utils import logging
 
 from .data import default_collator
 from .loss import top_k_entries
-from .modeling import CAUSAL, output_size, target_positions
+from .modeling import CACHE_COLUMNS, CAUSAL, output_size, target_positions
 
 logger = logging.get_logger(__name__)
 
 INFO_FILE = "cache_info.json"
-CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_lse")
 MAX_BYTES_PER_TOKEN = 256
 
 
@@ -288,3 +288,47 @@ def load_cache(cache_dir: str | os.PathLike, dataset, tokenizer, settings: Cache
             "them."
         )
     return concatenate_datasets([Dataset.from_file(str(s)) for s in shards]), info
+
+
+def attach_cache(args, kind, train_dataset, data_collator, processing_class):
+    """(training rows joined with their cached teacher entries, the collator that batches them, the cache's info),
+    after checking the cache was built for exactly these rows."""
+    if kind != CAUSAL:
+        raise ValueError(f"teacher_cache works with causal LMs; this student is a {kind} model.")
+    if processing_class is None:
+        raise ValueError("teacher_cache needs the processing_class (tokenizer) to check the cache was built with it.")
+    settings = CacheSettings(args.temperature, 0, args.distill_all_tokens)
+    cache, info = load_cache(args.teacher_cache, train_dataset, processing_class, settings)
+    train_dataset = concatenate_datasets([train_dataset, cache], axis=1)
+    collator = CachedTeacherCollator(data_collator, info["settings"]["top_k"], args.distill_all_tokens)
+    return train_dataset, collator, info
+
+
+@dataclass
+class CachedTeacherCollator:
+    """Wraps a collator: cached teacher entries of each row are flattened into (positions, k) tensors.
+
+    Rows are concatenated in order, matching the trainer's row-major selection of target positions; the batch is
+    checked here, on the host, to hold one entry per distilled position.
+    """
+
+    collator: Any
+    top_k: int
+    distill_all_tokens: bool = False
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        cached = [{key: feature.pop(key) for key in CACHE_COLUMNS} for feature in features]
+        batch = self.collator(features)
+        batch["teacher_ids"] = torch.cat([torch.as_tensor(c["teacher_ids"], dtype=torch.long) for c in cached]).view(-1, self.top_k)
+        batch["teacher_logprobs"] = torch.cat(
+            [torch.as_tensor(c["teacher_logprobs"], dtype=torch.float32) for c in cached]
+        ).view(-1, self.top_k)
+        batch["teacher_lse"] = torch.cat([torch.as_tensor(c["teacher_lse"], dtype=torch.float32) for c in cached])
+        _, ce_mask, kd_mask = target_positions(batch["labels"], batch.get("attention_mask"), CAUSAL, self.distill_all_tokens)
+        distilled = int((ce_mask | kd_mask).sum())
+        if distilled != batch["teacher_lse"].shape[0]:
+            raise ValueError(
+                f"The batch has {distilled} distilled positions but the teacher cache gives {batch['teacher_lse'].shape[0]}: "
+                "the cache was built for other labels or another distill_all_tokens setting. Rebuild it for this data."
+            )
+        return batch

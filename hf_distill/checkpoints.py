@@ -95,3 +95,26 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from_checkpoint, extra_
             f"last) is missing or cut short, e.g. the run was killed while saving it.{hint}"
         )
     return checkpoint
+
+
+def write_distill_state(folder: str | os.PathLike, state: dict) -> None:
+    """Write our part of a checkpoint into `folder`, before `Trainer` writes anything there.
+
+    Its `trainer_state.json` comes last and marks the checkpoint complete; a stale one (rewriting an older run's
+    checkpoint) is removed first, so the checkpoint is incomplete until the new state is written.
+    """
+    os.makedirs(folder, exist_ok=True)
+    stale = os.path.join(folder, TRAINER_STATE_NAME)
+    if os.path.exists(stale):
+        os.remove(stale)
+    with open(os.path.join(folder, DISTILL_STATE_NAME), "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+
+
+def read_distill_state(checkpoint: str | os.PathLike | None) -> dict | None:
+    """Our part of `checkpoint`; None for a fresh run or a checkpoint saved without it."""
+    file = None if checkpoint is None else os.path.join(checkpoint, DISTILL_STATE_NAME)
+    if file is None or not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as handle:
+        return json.load(handle)

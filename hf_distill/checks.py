@@ -10,7 +10,7 @@ from transformers.utils import logging
 from .config import DistillationConfig
 from .data import labeled_rows
 from .loss import normalized_weights
-from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ
+from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, model_kind
 
 logger = logging.get_logger(__name__)
 
@@ -65,6 +65,11 @@ def check_generation(args: DistillationConfig, kind, processing_class) -> None:
 
 def check_several_teachers(args, n_teachers: int) -> None:
     """What several teachers can't be combined with, refused before anything loads."""
+    if args.cross_tokenizer:
+        raise ValueError(
+            f"cross_tokenizer={args.cross_tokenizer!r} distills from one teacher, but {n_teachers} are given: pass one "
+            "teacher_model."
+        )
     if args.hidden_loss_weight:
         raise ValueError(
             f"hidden_loss_weight={args.hidden_loss_weight} matches one teacher's layers, but {n_teachers} teachers are "
@@ -78,6 +83,23 @@ def check_several_teachers(args, n_teachers: int) -> None:
             "teacher, or set seq_kd=False."
         )
     normalized_weights(args.teacher_weights, n_teachers)
+
+
+def check_cross_tokenizer_models(args, student, teacher, processing_class, teacher_tokenizer) -> None:
+    """`cross_tokenizer` pairs the response tokens of two causal LMs, each row tokenized by both tokenizers."""
+    setting = f"cross_tokenizer={args.cross_tokenizer!r}"
+    if {model_kind(student), model_kind(teacher)} != {CAUSAL}:
+        raise ValueError(
+            f"{setting} pairs the response tokens of two causal LMs, but the student is a {model_kind(student)} "
+            f"model and the teacher a {model_kind(teacher)} model: use causal LMs, or drop cross_tokenizer."
+        )
+    if processing_class is None or teacher_tokenizer is None:
+        missing = "the student's tokenizer (processing_class=...)" if processing_class is None else (
+            "the teacher's tokenizer (teacher_processing_class=..., or a teacher folder that holds one)"
+        )
+        raise ValueError(f"{setting} tokenizes each row again for the teacher, so it needs both tokenizers: pass {missing}.")
+    if args.cross_tokenizer == "uld" and args.loss_type != "forward_kl":
+        logger.warning(f"{setting} distills with the ULD distance; loss_type={args.loss_type!r} is not used.")
 
 
 def check_quantized_student(args: DistillationConfig, peft_config) -> None:

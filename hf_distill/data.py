@@ -11,8 +11,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 from transformers.utils import logging
 
-from .loss.cross_tokenizer import one_to_one_spans
-from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, unwrap_model
+from .modeling import CAUSAL, CLASSIFICATION, SEQ2SEQ, position_limit, unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -175,8 +174,8 @@ def check_rows_fit(dataset, kind: str, name: str, models: list) -> None:
                 f"{name} has token id {largest} but {model_name} embeds only {vocab} tokens (ids 0..{vocab - 1}): "
                 "tokenize the data with the student's tokenizer, or resize the model's embeddings to it."
             )
-        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        if isinstance(limit, int) and longest > limit:
+        limit = position_limit(model)
+        if limit is not None and longest > limit:
             raise ValueError(
                 f"{name} has rows of up to {longest} tokens but {model_name} takes at most {limit} positions "
                 f"(max_position_embeddings): truncate them, e.g. tokenizer(..., truncation=True, max_length={limit}), "
@@ -202,128 +201,8 @@ def _embedding_rows(model) -> int | None:
     return weight.shape[0] if weight is not None and weight.dim() == 2 else None
 
 
-@dataclass
-class CachedTeacherCollator:
-    """Wraps a collator: cached teacher entries of each row are flattened into (positions, k) tensors.
-
-    Rows are concatenated in order, matching the trainer's row-major selection of target positions.
-    """
-
-    collator: Any
-    top_k: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        cached = [{key: feature.pop(key) for key in ("teacher_ids", "teacher_logprobs", "teacher_lse")} for feature in features]
-        batch = self.collator(features)
-        batch["teacher_ids"] = torch.cat([torch.as_tensor(c["teacher_ids"], dtype=torch.long) for c in cached]).view(-1, self.top_k)
-        batch["teacher_logprobs"] = torch.cat(
-            [torch.as_tensor(c["teacher_logprobs"], dtype=torch.float32) for c in cached]
-        ).view(-1, self.top_k)
-        batch["teacher_lse"] = torch.cat([torch.as_tensor(c["teacher_lse"], dtype=torch.float32) for c in cached])
-        return batch
-
-
 # A row's prompt in a teacher's own tokens (cross_tokenizer), when the data carries it.
 TEACHER_PROMPT_COLUMN = "teacher_prompt_ids"
-
-
-@dataclass
-class CrossTokenizerCollator:
-    """Wraps a causal collator: each row is also tokenized by a teacher with another tokenizer.
-
-    The row's prompt (its tokens before the first label that is not -100) and response (the rest) are decoded
-    with the student's tokenizer and tokenized again with the teacher's, giving `teacher_input_ids`,
-    `teacher_attention_mask` and `teacher_labels` (-100 on the prompt), right-padded with the teacher's pad
-    token. A response ending in the student's EOS ends in the teacher's. A row without a prompt keeps its first
-    response token out of the teacher's targets too, as a causal student never predicts its first token.
-    Teacher rows longer than `max_length` (the teacher's positions) are cut at the end. A row may carry its prompt
-    in the teacher's tokens already (`teacher_prompt_ids`, which recipes write with the teacher's chat template);
-    only the response must then be tokenized again.
-
-    With `align`, only response tokens covering exactly the same characters in both tokenizations stay targets of
-    the KD term: `teacher_labels` keep the teacher's, and `aligned_labels` (the student's labels, -100 elsewhere)
-    the student's; the student's own `labels`, and so its CE term, are unchanged.
-    """
-
-    collator: Any
-    student_tokenizer: Any
-    teacher_tokenizer: Any
-    max_length: int | None = None
-    align: bool = False
-
-    def __post_init__(self):
-        self.student_tokenizer = getattr(self.student_tokenizer, "tokenizer", self.student_tokenizer)
-        self.teacher_tokenizer = getattr(self.teacher_tokenizer, "tokenizer", self.teacher_tokenizer)
-        teacher = self.teacher_tokenizer
-        self.teacher_pad_id = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id
-        if self.teacher_pad_id is None:
-            raise ValueError(
-                f"The teacher tokenizer {teacher.name_or_path!r} has neither a pad nor an eos token to pad the teacher's "
-                "rows with; set teacher_tokenizer.pad_token."
-            )
-
-    def teacher_row(self, feature: dict[str, Any]) -> tuple[list[int], list[int], list[int] | None]:
-        """(teacher ids, teacher labels, the student's aligned labels with `align`) of one row: its prompt and
-        response text in the teacher's tokens."""
-        ids = list(feature["input_ids"])
-        labels = list(feature["labels"]) if feature.get("labels") is not None else list(ids)
-        mask = feature.get("attention_mask")
-        if mask is not None:  # padding the row may already carry is not text
-            ids, labels = [t for t, keep in zip(ids, mask) if keep], [t for t, keep in zip(labels, mask) if keep]
-        start = next((i for i, label in enumerate(labels) if label != -100), len(ids))
-        response = ids[start:]
-        ends_with_eos = bool(response) and response[-1] == self.student_tokenizer.eos_token_id
-        decode = lambda tokens: self.student_tokenizer.decode(  # noqa: E731
-            tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        teacher = self.teacher_tokenizer
-        prompt_ids = feature.get(TEACHER_PROMPT_COLUMN)
-        if prompt_ids is None:
-            prompt_ids = teacher(decode(ids[:start]), add_special_tokens=True)["input_ids"]
-        prompt_ids = list(prompt_ids)
-        text_tokens = response[:-1] if ends_with_eos else response
-        encoded = teacher(decode(text_tokens), add_special_tokens=False, return_offsets_mapping=self.align)
-        response_ids = encoded["input_ids"]
-        if ends_with_eos and teacher.eos_token_id is not None:
-            response_ids = response_ids + [teacher.eos_token_id]
-        response_labels, aligned_labels = list(response_ids), None
-        if self.align:
-            # Character offsets in the response text: the teacher's from its tokenizer, the student's by decoding
-            # ever longer prefixes of its own tokens (the row's tokens need not be what its tokenizer would give).
-            student_ends = [len(decode(text_tokens[: k + 1])) for k in range(len(text_tokens))]
-            pairs = one_to_one_spans(student_ends, [end for _, end in encoded["offset_mapping"]])
-            if ends_with_eos and teacher.eos_token_id is not None:  # both EOS tokens end the text
-                pairs.append((len(text_tokens), len(response_ids) - 1))
-            kept_student, kept_teacher = {i for i, _ in pairs}, {j for _, j in pairs}
-            response_labels = [t if j in kept_teacher else -100 for j, t in enumerate(response_ids)]
-            aligned_labels = labels[:start] + [t if k in kept_student else -100 for k, t in enumerate(labels[start:])]
-        labels = [-100] * len(prompt_ids) + response_labels
-        if start == 0 and prompt_ids and response_ids:  # the student's first token is no target: nor is the teacher's
-            labels[len(prompt_ids)] = -100
-        ids = prompt_ids + response_ids
-        if self.max_length and len(ids) > self.max_length:  # the pairing then stops where the teacher's row does
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return ids, labels, aligned_labels
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = [self.teacher_row(feature) for feature in features]
-        batch = self.collator([{k: v for k, v in feature.items() if k != TEACHER_PROMPT_COLUMN} for feature in features])
-        length = max(len(ids) for ids, _, _ in rows)
-        batch["teacher_input_ids"] = torch.tensor(
-            [ids + [self.teacher_pad_id] * (length - len(ids)) for ids, _, _ in rows], dtype=torch.long
-        )
-        batch["teacher_attention_mask"] = torch.tensor(
-            [[1] * len(ids) + [0] * (length - len(ids)) for ids, _, _ in rows], dtype=torch.long
-        )
-        batch["teacher_labels"] = torch.tensor(
-            [labels + [-100] * (length - len(labels)) for _, labels, _ in rows], dtype=torch.long
-        )
-        if self.align:
-            width = batch["labels"].shape[1]
-            batch["aligned_labels"] = torch.tensor(
-                [aligned + [-100] * (width - len(aligned)) for _, _, aligned in rows], dtype=torch.long
-            )
-        return batch
 
 
 def pack_dataset(dataset, max_length: int, separator_id: int | None = None, drop_last: bool = True):

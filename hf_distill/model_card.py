@@ -17,17 +17,6 @@ PIPELINE_TASKS = {
     "classification": "text-classification",
 }
 
-LOSS_DESCRIPTIONS = {
-    "forward_kl": "forward KL, KL(teacher ‖ student)",
-    "reverse_kl": "reverse KL, KL(student ‖ teacher)",
-    "jsd": "generalized Jensen-Shannon divergence",
-    "skew_kl": "skew KL (DistiLLM)",
-    "skew_reverse_kl": "skew reverse KL (DistiLLM)",
-    "tvd": "total variation distance",
-    "mse": "mean squared error on logits",
-    "cosine": "cosine distance on logits",
-}
-
 TAGS = ["hf-distill", "distillation"]
 
 # Keys rendered by name below; any other key of `info` is listed generically under the settings.
@@ -66,6 +55,14 @@ def _as_list(value: Any) -> list[str]:
     return [str(item) for item in value]
 
 
+def _loss_description(loss_type: str) -> str | None:
+    """The registry's one line for a loss type (imported here, so reading this module needs no torch)."""
+    from .loss.divergences import DIVERGENCES
+
+    divergence = DIVERGENCES.get(loss_type)
+    return None if divergence is None else divergence.description
+
+
 def _pipeline_task(info: dict) -> str | None:
     task = info.get("task")
     if task is None:
@@ -87,7 +84,7 @@ def _settings(info: dict, pipeline_task: str | None, datasets: list[str]) -> lis
     if datasets:
         made.append("- **Data:** " + ", ".join(f"`{dataset}`" for dataset in datasets))
     if loss_type:
-        description = LOSS_DESCRIPTIONS.get(loss_type)
+        description = _loss_description(loss_type)
         made.append(f"- **Distillation loss:** `{loss_type}`" + (f" ({description})" if description else ""))
     if "temperature" in info:
         made.append(f"- **Temperature:** {info['temperature']}")
@@ -173,3 +170,34 @@ def distillation_model_card(info: dict, evaluation_table: str | None = None) -> 
         sections.append("## Evaluation\n\n" + evaluation_table.strip())
     sections.append("## Usage\n\n" + _usage(repo_id, pipeline_task))
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def distillation_info(args, student, teacher_name: str, kind, **known) -> dict:
+    """What the card says of a `DistillationTrainer` run: the models, the settings that shaped the loss, the features
+    that were on, and `known` (dataset, steps, repo_id, license)."""
+    from .modeling import unwrap_model  # the model stack only when a trainer asks (see _loss_description)
+    from .pruning import describe_student
+
+    student = unwrap_model(student)
+    info = {
+        "teacher": teacher_name,
+        "student": getattr(student.config, "_name_or_path", None) or type(student).__name__,
+        "task": str(kind),
+        **known,
+        "student_made_by": describe_student(student),
+    }
+    if args.student_quantization != "none":
+        info["quantization"] = (f"{args.student_quantization} weight-only (torchao), trained quantization-aware "
+                                "against the full-precision teacher")
+    if args.lmbda > 0:
+        info["on_policy"] = (f"lmbda={args.lmbda}: that fraction of steps trained on the student's own sampled "
+                             f"responses (max_new_tokens={args.max_new_tokens}, generation_temperature="
+                             f"{args.generation_temperature})")
+    if args.seq_kd:
+        info["sequence-level distillation"] = (f"seq_kd: trained on the teacher's "
+                                               f"{'sampled' if args.seq_kd_sampling else 'greedy'} responses to the "
+                                               f"prompts (max_new_tokens={args.max_new_tokens})")
+    for key in ("loss_type", "temperature", "alpha", "beta", "skew", "hidden_loss_weight",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate"):
+        info[key] = getattr(args, key)
+    return info

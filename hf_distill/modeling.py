@@ -41,7 +41,11 @@ CAUSAL, SEQ2SEQ, CLASSIFICATION = TaskKind.CAUSAL, TaskKind.SEQ2SEQ, TaskKind.CL
 # A teacher with another tokenizer gets its own tokenization of each row (`cross_tokenizer`); with 'align' the
 # student's labels kept for the KD term are `aligned_labels`.
 TEACHER_TOKEN_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "aligned_labels")
-TARGET_KEYS = ("labels", "num_items_in_batch", "teacher_ids", "teacher_logprobs", "teacher_lse", *TEACHER_TOKEN_KEYS)
+# A micro-batch's targets and masks, computed once when the step's batches are fetched (`hf_distill.forward.BatchTargets`).
+BATCH_TARGET_KEYS = ("distill_targets", "distill_ce_mask", "distill_kd_mask", "distill_teacher_mask", "distill_response_mask")
+# A cached teacher's entries, as columns of the cache and keys of a batch (`hf_distill.cache`).
+CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_lse")
+TARGET_KEYS = ("labels", "num_items_in_batch", *CACHE_COLUMNS, *BATCH_TARGET_KEYS, *TEACHER_TOKEN_KEYS)
 _AUTO_CLASSES = {
     CAUSAL: AutoModelForCausalLM,
     SEQ2SEQ: AutoModelForSeq2SeqLM,
@@ -142,6 +146,12 @@ def load_tokenizer_if_any(name_or_path: str):
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def position_limit(model) -> int | None:
+    """The most positions a model takes (`max_position_embeddings`), or None where its config sets no limit."""
+    limit = getattr(unwrap_model(model).config.get_text_config(), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
 
 
 def output_size(model) -> int:

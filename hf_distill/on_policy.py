@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from .modeling import unwrap_model
+
 
 def is_on_policy_step(lmbda: float, seed: int, step: int) -> bool:
     """Whether optimizer step `step` trains on generated responses.
@@ -149,3 +151,50 @@ def generated_batch(generator, config: GenerationConfig, batch: dict[str, Any], 
     if seq2seq:  # the output starts with the decoder's start token, which is no target
         return {**inputs, "labels": response_labels(output[:, 1:], config.eos_token_id)}
     return responses_batch(prompts, output[:, width:], config.eos_token_id, config.pad_token_id)
+
+
+class StepResponses:
+    """Each optimizer step's micro-batches, replaced by their prompts answered by the student (an on-policy step,
+    `lmbda`) or, on the other steps with `seq_kd`, by the teacher (greedy unless `seq_kd_sampling`).
+
+    Args:
+        args: the `DistillationConfig` (lmbda, seq_kd, seed, max_new_tokens, generation_temperature, ...).
+        tokenizer: the student's tokenizer (pads prompts and responses).
+        seq2seq: whether the models are seq2seq (the teacher writes each source's target).
+        max_positions: the fewest positions any model takes (prompt + response must fit), or None.
+        synced: the generator is sharded across processes (FSDP, ZeRO-3).
+    """
+
+    def __init__(self, args, tokenizer, seq2seq: bool = False, max_positions: int | None = None, synced: bool = False):
+        self.args = args
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        self.seq2seq = seq2seq
+        self.max_positions = max_positions
+        self.synced = synced
+        self.configs: dict[str, GenerationConfig] = {}  # the student's (on-policy) and the teacher's (seq_kd)
+
+    def replace(self, batches: list, step: int, student, teacher) -> tuple[list, bool]:
+        """(the step's batches, whether it is on-policy): one decision for the whole step, so its micro-batches (and
+        processes) are all on- or off-policy."""
+        on_policy = bool(batches) and is_on_policy_step(self.args.lmbda, self.args.seed, step)
+        if on_policy:
+            batches = [self._answered(student, batch, step, i, by_teacher=False) for i, batch in enumerate(batches)]
+        elif batches and self.args.seq_kd:
+            batches = [self._answered(teacher, batch, step, i, by_teacher=True) for i, batch in enumerate(batches)]
+        return batches, on_policy
+
+    def _answered(self, generator, batch: dict[str, Any], step: int, micro_batch: int, by_teacher: bool):
+        name = "teacher" if by_teacher else "student"
+        if name not in self.configs:
+            self.configs[name] = sampling_config(
+                unwrap_model(generator), self.tokenizer, self.args.max_new_tokens, self.args.generation_temperature,
+                do_sample=self.args.seq_kd_sampling if by_teacher else True,
+            )
+        return generated_batch(
+            generator, self.configs[name], batch, self.args.device,
+            seq2seq=self.seq2seq,
+            max_positions=self.max_positions,
+            seed=generation_seed(self.args.seed, step, micro_batch, self.args.process_index),
+            synced=self.synced,
+            what=f"{'seq_kd' if by_teacher else 'On-policy'} step {step}",
+        )

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_distill import DistillationConfig, DistillationTrainer
-from hf_distill.data import CausalLMCollator, CrossTokenizerCollator
+from hf_distill.cross_tokenizer import CrossTokenizerCollator
+from hf_distill.data import CausalLMCollator
 from hf_distill.loss import (
     aligned_response_masks,
     one_to_one_spans,
@@ -23,7 +24,7 @@ from hf_distill.loss import (
 from hf_distill.loss.cross_tokenizer import AlignedTeacher, aligned_blended_loss
 from hf_distill.modeling import CAUSAL, target_positions
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
-from hf_distill.trainer import _shared_vocabulary
+from hf_distill.cross_tokenizer import shared_vocabulary_ids as _shared_vocabulary
 
 from conftest import english_lines, prompt_response_dataset, sharpen, spanish_lines, tiny_classifier, tiny_t5
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Union
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,8 @@ class PositionTargets:
 
     `targets` holds the next token (causal), the label token (seq2seq) or the class (classifier), -100
     where the position is distilled only. `kd_mask`/`ce_mask` pick the positions of each term;
-    `kd_scale`/`ce_scale` are alpha / (distilled positions of the accumulated batch) and
+    `kd_scale`/`ce_scale` (floats, or 0-d tensors when the counts stay on the device; exactly 0.0 when a term is
+    off) are alpha / (distilled positions of the accumulated batch) and
     (1 − alpha) / (target tokens of the accumulated batch); `hidden_scale` is the hidden-state term's
     weight / (distilled positions of the accumulated batch).
     """
@@ -59,18 +60,22 @@ class PositionTargets:
     targets: torch.Tensor
     kd_mask: torch.Tensor
     ce_mask: torch.Tensor
-    kd_scale: float
-    ce_scale: float
-    hidden_scale: float = 0.0
+    kd_scale: float | torch.Tensor
+    ce_scale: float | torch.Tensor
+    hidden_scale: float | torch.Tensor = 0.0
+    kd_everywhere: bool | None = None  # every position is distilled; None: look at kd_mask
 
     def chunk(self, part: slice) -> "PositionTargets":
-        return PositionTargets(
-            self.targets[part], self.kd_mask[part], self.ce_mask[part], self.kd_scale, self.ce_scale, self.hidden_scale
-        )
+        return replace(self, targets=self.targets[part], kd_mask=self.kd_mask[part], ce_mask=self.ce_mask[part])
 
     def reweighted(self, kd_weight: float, keep_ce: bool) -> "PositionTargets":
         """The KD term scaled by `kd_weight`, and CE kept or dropped: one teacher's share of a summed loss."""
         return replace(self, kd_scale=self.kd_scale * kd_weight, ce_scale=self.ce_scale if keep_ce else 0.0)
+
+
+def is_on(scale) -> bool:
+    """Whether a term with this scale is in the loss: a tensor scale is on (an off term gets the float 0.0)."""
+    return torch.is_tensor(scale) or scale != 0
 
 
 @dataclass
@@ -95,7 +100,12 @@ class TeacherHidden:
             return self.head(self.hidden[part])
 
 
-Teacher = Union[TeacherLogits, TeacherHidden, CachedTeacher, TeacherEnsemble]
+class Teacher(Protocol):
+    """A teacher target at the selected positions, as the loss takes it: `TeacherLogits`, `TeacherHidden`,
+    `CachedTeacher` or a `TeacherEnsemble` of the first two. The loss asks it for one thing, its rows at positions
+    `part` (a slice of the selected positions): logits (n, V_t), cached entries, or each member's logits."""
+
+    def rows(self, part: slice): ...
 
 
 def token_divergence(
@@ -207,11 +217,11 @@ def blended_loss(
         divergence = token_divergence(student_logits, teacher, **_divergence_options(settings))
         kd = torch.where(positions.kd_mask, divergence, torch.zeros_like(divergence)).sum()
         kd_sum = kd.detach()
-        if positions.kd_scale != 0:
+        if is_on(positions.kd_scale):
             loss = loss + positions.kd_scale * kd
     ce = cross_entropy_per_position(student_logits, positions.targets)
     ce = torch.where(positions.ce_mask, ce, torch.zeros_like(ce)).sum()
-    if positions.ce_scale != 0:
+    if is_on(positions.ce_scale):
         loss = loss + positions.ce_scale * ce
     return loss, kd_sum, ce.detach()
 
@@ -224,17 +234,18 @@ def blended_loss_and_grad(student_logits, teacher, positions: PositionTargets, s
     `settings.compile`, the math for a teacher given as logits runs through `torch.compile`.
     """
     scale = temperature_scale(settings.loss_type, settings.temperature)
-    want_kd = teacher is not None and positions.kd_scale != 0
-    want_ce = positions.ce_scale != 0
+    want_kd = teacher is not None and is_on(positions.kd_scale)
+    want_ce = is_on(positions.ce_scale)
     device = student_logits.device
-    kd_weights = torch.where(positions.kd_mask, positions.kd_scale * scale, 0.0).to(device, torch.float32)
+    kd_weights = torch.where(positions.kd_mask, _on(positions.kd_scale * scale, device), 0.0).to(device, torch.float32)
     ce_rows = positions.ce_mask & (positions.targets != -100)
-    ce_weights = torch.where(ce_rows, positions.ce_scale, 0.0).to(device, torch.float32)
+    ce_weights = torch.where(ce_rows, _on(positions.ce_scale, device), 0.0).to(device, torch.float32)
+    rows_left_out = not positions.kd_everywhere and want_kd and not bool(positions.kd_mask.all())
     compiled = settings.compile and teacher is not None and not isinstance(teacher, CachedTeacher)
     function = compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad
     raw_kd_sum, ce_sum, grad = function(
         student_logits, teacher, positions.targets, positions.kd_mask, positions.ce_mask, kd_weights, ce_weights,
-        settings, want_kd, want_ce, want_kd and not bool(positions.kd_mask.all()),
+        settings, want_kd, want_ce, rows_left_out,
     )
     kd_sum = raw_kd_sum * scale
     loss = student_logits.new_zeros((), dtype=torch.float32)
@@ -243,6 +254,11 @@ def blended_loss_and_grad(student_logits, teacher, positions: PositionTargets, s
     if want_ce:
         loss = loss + positions.ce_scale * ce_sum
     return loss, kd_sum, ce_sum, grad.to(student_logits.dtype)
+
+
+def _on(scale, device):
+    """A scale as `torch.where` takes it: a float, or a 0-d tensor on `device`."""
+    return scale.to(device, torch.float32) if torch.is_tensor(scale) else scale
 
 
 def _terms(teacher, teacher_rows, positions: PositionTargets, settings: LossSettings) -> list:

@@ -29,16 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from .buckets import CachedTeacher, student_buckets, student_tail_log_mass, teacher_buckets, uses_tail_bucket
-from .divergences import KL_FAMILY, probability_divergence
+from .divergences import DIVERGENCES, probability_divergence
 
 
 def has_closed_form(teacher, settings) -> bool:
     """Whether `blended_loss_and_grad` handles this teacher (None, logits or `CachedTeacher`) and loss type."""
     if teacher is None:
         return True
-    if isinstance(teacher, CachedTeacher):
-        return settings.loss_type in KL_FAMILY
-    return settings.loss_type in ("forward_kl", "reverse_kl", "jsd")
+    divergence = DIVERGENCES[settings.loss_type]
+    return divergence.closed_form_cached if isinstance(teacher, CachedTeacher) else divergence.closed_form
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

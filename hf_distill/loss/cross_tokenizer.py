@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .buckets import MIN_TAIL_MASS, student_tail_log_mass
-from .divergences import LOGIT_LOSSES, cross_entropy_per_position, probability_divergence, temperature_scale
+from .divergences import cross_entropy_per_position, probability_divergence, temperature_scale
 
 CROSS_TOKENIZER = ("uld", "align")
 
@@ -130,12 +130,9 @@ def shared_vocabulary_divergence(
     beta: float = 0.5,
     skew: float = 0.1,
 ) -> torch.Tensor:
-    """The loss-scaled divergence at each aligned position over the shared tokens plus one bucket: values (n,)."""
-    if loss_type in LOGIT_LOSSES:
-        raise ValueError(
-            f"cross_tokenizer='align' compares probabilities over a shared vocabulary; loss_type={loss_type!r} compares "
-            "raw logits. Choose a probability loss (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd)."
-        )
+    """The loss-scaled divergence at each aligned position over the shared tokens plus one bucket: values (n,).
+
+    `loss_type` is a probability loss (`DistillationConfig` refuses mse and cosine with cross_tokenizer='align')."""
     log_q = shared_log_buckets(student_logits, student_ids, temperature)
     log_p = shared_log_buckets(teacher_logits, teacher_ids, temperature)
     return probability_divergence(log_q, log_p, loss_type, beta, skew) * temperature_scale(loss_type, temperature)
@@ -184,10 +181,10 @@ def aligned_blended_loss(
                 beta=beta, skew=skew,
             ).sum()
         kd_sum = kd.detach()
-        if kd_scale != 0:
+        if torch.is_tensor(kd_scale) or kd_scale != 0:
             loss = loss + kd_scale * kd
     ce = cross_entropy_per_position(student_logits, targets)
     ce = torch.where(ce_mask, ce, torch.zeros_like(ce)).sum()
-    if ce_scale != 0:
+    if torch.is_tensor(ce_scale) or ce_scale != 0:
         loss = loss + ce_scale * ce
     return loss, kd_sum, ce.detach()

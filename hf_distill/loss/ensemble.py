@@ -48,11 +48,6 @@ class TeacherEnsemble:
     weights: tuple[float, ...]
     reduction: str = "mean_probs"
 
-    def __post_init__(self):
-        check_reduction(self.reduction)
-        if len(self.members) != len(self.weights):
-            raise ValueError(f"{len(self.members)} teachers but {len(self.weights)} weights.")
-
     def __len__(self) -> int:
         return len(self.members)
 

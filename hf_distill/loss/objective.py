@@ -19,17 +19,14 @@ from .blended import (
     LossSettings,
     PositionTargets,
     Teacher,
-    TeacherHidden,
-    TeacherLogits,
-    blended_loss,
     block_loss,
     chunked_blended_loss,
     default_chunk_size,
+    is_on,
 )
 from .cross_tokenizer import AlignedTeacher, aligned_blended_loss
-from .divergences import check_loss_settings
-from .ensemble import TeacherEnsemble, check_reduction, normalized_weights
-from .hidden import HIDDEN_LOSS_TYPES, hidden_state_sum
+from .ensemble import TeacherEnsemble, normalized_weights
+from .hidden import hidden_state_sum
 
 
 @dataclass
@@ -96,15 +93,12 @@ class DistillationLoss:
         multi_teacher: str = "mean_probs",
         teacher_weights: list[float] | None = None,
     ):
-        check_loss_settings(loss_type, temperature, beta, skew)
-        if hidden_loss_type not in HIDDEN_LOSS_TYPES:
-            raise ValueError(f"hidden_loss_type={hidden_loss_type!r}; choose one of {', '.join(HIDDEN_LOSS_TYPES)}.")
+        # The settings are checked where they are set (`DistillationConfig`); the loss trusts them.
         self.settings = LossSettings(loss_type, temperature, beta, skew, cache_tail, compile=compile)
         self.alpha = alpha
         self.chunk_size = chunk_size
         self.hidden_loss_weight = hidden_loss_weight
         self.hidden_loss_type = hidden_loss_type
-        check_reduction(multi_teacher)
         self.multi_teacher = multi_teacher
         self.teacher_weights = teacher_weights
 
@@ -131,15 +125,28 @@ class DistillationLoss:
             return members[0]
         return TeacherEnsemble(members, normalized_weights(self.teacher_weights, len(members)), self.multi_teacher)
 
-    def positions(self, targets, kd_mask, ce_mask, n_kd: int, n_ce: int) -> PositionTargets:
-        """Targets and term scales for positions whose counts over the accumulated batch are `n_kd`, `n_ce`."""
-        n_kd, n_ce = max(n_kd, 1), max(n_ce, 1)
+    def positions(self, targets, kd_mask, ce_mask, n_kd, n_ce, kd_everywhere: bool | None = None) -> PositionTargets:
+        """Targets and term scales for positions whose counts over the accumulated batch are `n_kd`, `n_ce`.
+
+        The counts may be tensors on the device (no host sync); a term of weight 0 gets the scale 0.0, so it is left
+        out of the loss. `kd_everywhere`: every position is distilled (known without looking at `kd_mask`).
+        """
+        def scale(weight, count):
+            if weight == 0:
+                return 0.0
+            return weight / (count.clamp_min(1) if torch.is_tensor(count) else max(count, 1))
+
         return PositionTargets(
-            targets, kd_mask, ce_mask, self.alpha / n_kd, (1 - self.alpha) / n_ce, self.hidden_loss_weight / n_kd
+            targets, kd_mask, ce_mask, scale(self.alpha, n_kd), scale(1 - self.alpha, n_ce),
+            scale(self.hidden_loss_weight, n_kd), kd_everywhere,
         )
 
     def __call__(self, student: StudentOutput, teacher: TeacherOutput | None, positions: PositionTargets) -> LossOutput:
         distribution = None if teacher is None else teacher.distribution
+        if isinstance(distribution, list):  # several teachers at the same positions
+            distribution = self.teacher_distribution(distribution)
+        # The one dispatch on the teacher target: another tokenizer's aligned rows, or (chunked or whole) rows at the
+        # selected positions of any `TeacherTarget` (logits, hidden states + head, cached entries, an ensemble).
         if isinstance(distribution, AlignedTeacher):  # another tokenizer: aligned positions, whole logits
             head = student.head
             logits = student.logits if head is None else F.linear(student.hidden, head.weight, head.bias)
@@ -157,24 +164,19 @@ class DistillationLoss:
                 student.hidden, head.weight, head.bias, distribution, positions, self.settings, chunk_size,
                 return_member_sums=True,
             )
-        elif isinstance(distribution, TeacherEnsemble):
-            rows = distribution.rows(slice(None))
+        else:  # whole logits at the selected positions: any teacher target gives its rows for them
+            rows = None if distribution is None else distribution.rows(slice(None))
             loss, kd_sum, ce_sum, _, members = block_loss(
                 student.logits, distribution, rows, positions, self.settings, closed_form=False
             )
-        else:
-            if isinstance(distribution, (TeacherLogits, TeacherHidden)):  # the whole of a teacher's logits
-                distribution = distribution.rows(slice(None))
-            loss, kd_sum, ce_sum = blended_loss(student.logits, distribution, positions, self.settings)
-            members = None
 
         hidden_sum = loss.new_zeros(())
-        if positions.hidden_scale and teacher is not None and teacher.layers:
+        if is_on(positions.hidden_scale) and teacher is not None and teacher.layers:
             hidden = hidden_state_sum(student.layers, teacher.layers, positions.kd_mask, self.hidden_loss_type)
             loss = loss + positions.hidden_scale * hidden
             hidden_sum = hidden.detach()
         # Keep the student in the graph when no position is selected, so distributed backward stays in step.
         loss = loss + 0.0 * student.anchor.sum()
-        members = members if isinstance(distribution, TeacherEnsemble) else None
+        members = None if members is None or not len(members) else members  # each of several teachers' Σ KD
         return LossOutput(loss, kd_sum, ce_sum, hidden_sum, members)
 
