@@ -41,6 +41,7 @@ from transformers.utils import logging
 from .data import default_collator
 from .loss import top_k_entries
 from .modeling import CACHE_COLUMNS, CAUSAL, output_size, target_positions
+from .served import TeacherServer, add_served_targets
 
 logger = logging.get_logger(__name__)
 
@@ -181,12 +182,19 @@ def build_cache(
     and settings; a different one is refused rather than mixed in.
     """
     path = Path(cache_dir)
-    vocab = output_size(teacher)
-    settings = CacheSettings(temperature, top_k or default_top_k(vocab), distill_all_tokens)
+    served = isinstance(teacher, TeacherServer)
+    if served:  # its top-k is all a server gives; its ids are the tokenizer's
+        if temperature != 1.0:
+            raise ValueError(f"A served teacher gives log-probabilities at temperature 1 only, not {temperature}.")
+        teacher.top_k = top_k or teacher.top_k
+        vocab = len(getattr(tokenizer, "tokenizer", tokenizer))
+    else:
+        vocab = output_size(teacher)
+    settings = CacheSettings(temperature, teacher.top_k if served else top_k or default_top_k(vocab), distill_all_tokens)
     info = {
         "format": 2,
-        "teacher": teacher_fingerprint(teacher),
-        "teacher_name": teacher_name or getattr(teacher.config, "_name_or_path", ""),
+        "teacher": _digest(lambda h: h.update(f"served:{teacher.model}".encode())) if served else teacher_fingerprint(teacher),
+        "teacher_name": teacher_name or (teacher.model if served else getattr(teacher.config, "_name_or_path", "")),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "dataset": dataset_fingerprint(dataset),
         "settings": settings.as_dict(),
@@ -219,8 +227,9 @@ def build_cache(
         ("teacher_logprobs", pa.list_(pa.float16())),
         ("teacher_lse", pa.list_(pa.float32())),
     ])
-    device = next(teacher.parameters()).device
-    teacher.eval()
+    device = "cpu" if served else next(teacher.parameters()).device
+    if not served:
+        teacher.eval()
     columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
     rows_in = dataset.select_columns(columns)
     shards = range(0, len(dataset), shard_rows)
@@ -239,8 +248,11 @@ def build_cache(
         for batch in tqdm(loader, desc=f"shard {shard}", leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
             _, _, kd_mask = target_positions(batch["labels"], batch["attention_mask"], CAUSAL, distill_all_tokens)
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[kd_mask]
-            ids, logprobs, lse = top_k_entries(logits, settings.top_k, temperature)
+            if served:
+                ids, logprobs, lse = (add_served_targets(batch, teacher, distill_all_tokens)[c] for c in CACHE_COLUMNS)
+            else:
+                logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[kd_mask]
+                ids, logprobs, lse = top_k_entries(logits, settings.top_k, temperature)
             counts = kd_mask.sum(-1).tolist()
             for chunk_ids, chunk_lp, chunk_lse in zip(ids.split(counts), logprobs.split(counts), lse.split(counts)):
                 rows["teacher_ids"].append(chunk_ids.flatten().cpu().numpy().astype(np.int64))

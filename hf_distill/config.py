@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +159,34 @@ class DistillationConfig(TrainingArguments):
             "choices": ["bucket", "renormalize"],
         },
     )
+    teacher_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base URL of an OpenAI-compatible server (vLLM, SGLang) serving the teacher, e.g. "
+            "http://localhost:8000: training asks it for the teacher's top-k log-probabilities at every position of "
+            "each row and distills from them like from teacher_cache (its weights never load here). Causal LMs, the "
+            "student's tokenizer (checked at start), temperature 1, probability losses (not mse/cosine), no "
+            "hidden-state term. Batches are prepared by dataloader_num_workers processes (1 unless set) so the "
+            "next batches' requests run during the current step. See docs/served_teacher.md."
+        },
+    )
+    teacher_server_model: str | None = field(
+        default=None,
+        metadata={"help": "The served teacher's name (vLLM's --served-model-name); None takes the server's only model."},
+    )
+    teacher_server_top_k: int = field(
+        default=20,
+        metadata={"help": "Log-probabilities asked per position (vLLM serves at most its --max-logprobs, 20 by "
+                  "default); the rest of the teacher's mass is kept as one bucket, like teacher_cache_tail."},
+    )
+    teacher_server_timeout: float = field(
+        default=120.0, metadata={"help": "Seconds to wait for one answer of the teacher server."}
+    )
+    teacher_server_retries: int = field(
+        default=3,
+        metadata={"help": "Further tries after a connection error, a timeout or a 5xx answer of the teacher server "
+                  "(1, 2, 4... s apart) before training stops with an error naming the server."},
+    )
     cross_tokenizer: str | None = field(
         default=None,
         metadata={
@@ -217,6 +246,38 @@ class DistillationConfig(TrainingArguments):
         default=False,
         metadata={"help": "seq_kd: sample the teacher's responses at generation_temperature instead of greedy decoding."},
     )
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "On-policy steps (lmbda > 0): the student's responses are written by a vLLM server holding a copy "
+            "of the student, sent the student's current weights every vllm_sync_interval steps, instead of by HF "
+            "`generate` in the training process (docs/served_teacher.md)."
+        },
+    )
+    vllm_mode: str = field(
+        default="server",
+        metadata={"help": "use_vllm: 'server' (a vLLM server at vllm_server_base_url). 'colocate' (vLLM inside the "
+                  "training process) is not built yet.", "choices": ["server", "colocate"]},
+    )
+    vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={"help": "use_vllm: the student's vLLM server, e.g. http://localhost:8001, started on the student's "
+                  "starting weights with VLLM_SERVER_DEV_MODE=1 (it reloads new weights through /collective_rpc)."},
+    )
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "use_vllm: seconds to wait for one answer of the student's vLLM server."}
+    )
+    vllm_sync_interval: int = field(
+        default=1,
+        metadata={"help": "use_vllm: send the student's weights to the server before an on-policy step when this many "
+                  "optimizer steps have passed since the last send (1: every on-policy step samples the current "
+                  "student; larger values trade staleness for time)."},
+    )
+    vllm_weights_dir: str | None = field(
+        default=None,
+        metadata={"help": "use_vllm: the folder the student's weights are written to for the server to read (it must "
+                  "see the same path). Default: <output_dir>/vllm-weights."},
+    )
 
     def __post_init__(self):
         # A YAML list or string here would otherwise fail deep inside a comparison or the optimizer.
@@ -247,6 +308,8 @@ class DistillationConfig(TrainingArguments):
         self.teacher_model_init_kwargs = parse_init_kwargs(self.teacher_model_init_kwargs)
         self._check_teachers()
         self._check_cross_tokenizer()
+        self._check_teacher_server()
+        self._check_vllm()
         check_scheme("student_quantization", self.student_quantization)
         super().__post_init__()
 
@@ -309,6 +372,64 @@ class DistillationConfig(TrainingArguments):
         for conflict, given, fix in conflicts:
             if conflict:
                 raise ValueError(f"cross_tokenizer={value!r} does not work with {given}: {fix}.")
+
+
+    def _check_teacher_server(self) -> None:
+        """What a served teacher can't be combined with, refused before anything loads."""
+        url = self.teacher_server_url
+        if url is None:
+            return
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher_server_url={url!r} must be an http(s) URL, like http://localhost:8000.")
+        for name in ("teacher_server_top_k", "teacher_server_retries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name.endswith("top_k") else 0):
+                raise ValueError(f"{name}={value!r} must be a whole number >= {1 if name.endswith('top_k') else 0}.")
+        if isinstance(self.teacher_server_timeout, bool) or not (
+            isinstance(self.teacher_server_timeout, (int, float)) and self.teacher_server_timeout > 0
+        ):
+            raise ValueError(f"teacher_server_timeout={self.teacher_server_timeout!r} must be a number of seconds > 0.")
+        conflicts = [
+            (self.teacher_model_name_or_path is not None, f"teacher_model_name_or_path={self.teacher_model_name_or_path!r}",
+             "the served model is the teacher; drop teacher_model_name_or_path"),
+            (self.teacher_cache is not None, f"teacher_cache={self.teacher_cache!r}",
+             "train from one or the other (`hf-distill cache-teacher --teacher_server_url` builds a cache from the server)"),
+            (self.temperature != 1.0, f"temperature={self.temperature}",
+             "a server gives log-probabilities at temperature 1 only, whose tail can't be re-tempered; set temperature=1"),
+            (self.loss_type in ("mse", "cosine"), f"loss_type={self.loss_type!r}",
+             "a server gives log-probabilities, not logits; choose a probability loss like forward_kl"),
+            (bool(self.hidden_loss_weight), f"hidden_loss_weight={self.hidden_loss_weight}",
+             "a server gives no hidden states; set hidden_loss_weight=0"),
+            (self.cross_tokenizer is not None, f"cross_tokenizer={self.cross_tokenizer!r}",
+             "serve a teacher with the student's tokenizer"),
+        ]
+        for conflict, given, fix in conflicts:
+            if conflict:
+                raise ValueError(f"teacher_server_url={url!r} does not work with {given}: {fix}.")
+        if self.dataloader_num_workers == 0:  # requests for the next batches overlap the current step
+            self.dataloader_num_workers = 1
+
+    def _check_vllm(self) -> None:
+        if not self.use_vllm:
+            return
+        if self.lmbda == 0:
+            raise ValueError("use_vllm=True generates the student's on-policy responses, but lmbda=0 trains on none; "
+                             "set lmbda > 0 or drop use_vllm.")
+        if self.vllm_mode != "server":
+            raise ValueError(f"vllm_mode={self.vllm_mode!r}: only 'server' is built; start a vLLM server on the "
+                             "student (docs/served_teacher.md) and set vllm_server_base_url.")
+        url = self.vllm_server_base_url
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"use_vllm=True needs vllm_server_base_url, an http(s) URL like http://localhost:8001; "
+                             f"got {url!r}.")
+        interval = self.vllm_sync_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"vllm_sync_interval={interval!r} must be a whole number >= 1 of optimizer steps.")
+        timeout = self.vllm_server_timeout
+        if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"vllm_server_timeout={timeout!r} must be a number of seconds > 0.")
+        if self.vllm_weights_dir is None:
+            self.vllm_weights_dir = os.path.join(self.output_dir or "trainer_output", "vllm-weights")
 
 
 def parse_init_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any] | None:

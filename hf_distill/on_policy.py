@@ -153,6 +153,21 @@ def generated_batch(generator, config: GenerationConfig, batch: dict[str, Any], 
     return responses_batch(prompts, output[:, width:], config.eos_token_id, config.pad_token_id)
 
 
+def served_batch(server, batch: dict[str, Any], max_new_tokens: int, temperature: float, greedy: bool, seed: int,
+                 eos_ids, pad_id: int, max_positions: int | None = None) -> dict[str, torch.Tensor]:
+    """Like `generated_batch`, with a server (`hf_distill.served.TeacherServer` or `RolloutServer`) writing the
+    responses."""
+    prompts = prompts_of(batch)
+    room = max_new_tokens if max_positions is None else min(max_new_tokens, max_positions - max(map(len, prompts)))
+    if room < 1:
+        raise ValueError(f"A prompt leaves no room to generate within {max_positions} positions; truncate it.")
+    responses = server.generate(prompts, room, temperature, greedy, seed)
+    width = max(1, max(map(len, responses)))
+    generated = torch.tensor([response + [pad_id] * (width - len(response)) for response in responses])
+    device = batch["input_ids"].device
+    return {key: value.to(device) for key, value in responses_batch(prompts, generated, eos_ids, pad_id).items()}
+
+
 class StepResponses:
     """Each optimizer step's micro-batches, replaced by their prompts answered by the student (an on-policy step,
     `lmbda`) or, on the other steps with `seq_kd`, by the teacher (greedy unless `seq_kd_sampling`).
@@ -163,9 +178,15 @@ class StepResponses:
         seq2seq: whether the models are seq2seq (the teacher writes each source's target).
         max_positions: the fewest positions any model takes (prompt + response must fit), or None.
         synced: the generator is sharded across processes (FSDP, ZeRO-3).
+        server: a served teacher (`TeacherServer`), which writes the `seq_kd` responses.
+        rollouts: the student's vLLM server (`RolloutServer`, `use_vllm`), which writes the on-policy responses
+            after being sent the student's weights (every `vllm_sync_interval` steps).
     """
 
-    def __init__(self, args, tokenizer, seq2seq: bool = False, max_positions: int | None = None, synced: bool = False):
+    def __init__(self, args, tokenizer, seq2seq: bool = False, max_positions: int | None = None, synced: bool = False,
+                 server=None, rollouts=None):
+        self.server, self.rollouts = server, rollouts
+        self.synced_at: int | None = None  # the step whose weights the rollout server holds
         self.args = args
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         self.seq2seq = seq2seq
@@ -177,13 +198,35 @@ class StepResponses:
         """(the step's batches, whether it is on-policy): one decision for the whole step, so its micro-batches (and
         processes) are all on- or off-policy."""
         on_policy = bool(batches) and is_on_policy_step(self.args.lmbda, self.args.seed, step)
-        if on_policy:
+        if on_policy and self.rollouts is not None:
+            self._sync_rollouts(student, step)
+            batches = [self._served(self.rollouts, batch, step, i, greedy=False) for i, batch in enumerate(batches)]
+        elif on_policy:
             batches = [self._answered(student, batch, step, i, by_teacher=False) for i, batch in enumerate(batches)]
         elif batches and self.args.seq_kd:
             batches = [self._answered(teacher, batch, step, i, by_teacher=True) for i, batch in enumerate(batches)]
         return batches, on_policy
 
+    def _sync_rollouts(self, student, step: int) -> None:
+        if self.synced_at is not None and step - self.synced_at < self.args.vllm_sync_interval:
+            return
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.is_main_process:  # DDP: every process holds the same weights; one sends them
+            self.rollouts.push_weights(student, self.args.vllm_weights_dir)
+        state.wait_for_everyone()
+        self.synced_at = step
+
+    def _served(self, server, batch: dict[str, Any], step: int, micro_batch: int, greedy: bool):
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        return served_batch(server, batch, self.args.max_new_tokens, self.args.generation_temperature, greedy,
+                            generation_seed(self.args.seed, step, micro_batch, self.args.process_index), [eos],
+                            eos if pad is None else pad, self.max_positions)
+
     def _answered(self, generator, batch: dict[str, Any], step: int, micro_batch: int, by_teacher: bool):
+        if by_teacher and self.server is not None:
+            return self._served(self.server, batch, step, micro_batch, greedy=not self.args.seq_kd_sampling)
         name = "teacher" if by_teacher else "student"
         if name not in self.configs:
             self.configs[name] = sampling_config(

@@ -45,10 +45,16 @@ class Teachers:
 def load_teachers(student, teacher, args, kind, processing_class, teacher_processing_class) -> Teachers:
     """The teacher models (loaded from their paths if need be), each checked to fit the student."""
     teacher = teacher if teacher is not None else args.teacher_model_name_or_path
-    if teacher is None and args.teacher_cache is None:
+    offline = args.teacher_cache is not None or args.teacher_server_url is not None
+    if teacher is None and not offline:
         raise ValueError(
-            "DistillationTrainer needs a teacher: pass teacher_model=..., set teacher_model_name_or_path, or "
-            "train from an offline cache with teacher_cache=..."
+            "DistillationTrainer needs a teacher: pass teacher_model=..., set teacher_model_name_or_path, train from "
+            "an offline cache with teacher_cache=..., or from a served one with teacher_server_url=..."
+        )
+    if teacher is not None and args.teacher_server_url is not None:
+        raise ValueError(
+            f"teacher_server_url={args.teacher_server_url!r} serves the teacher, and a teacher_model was passed too: "
+            "give one or the other."
         )
     if teacher is None:
         return Teachers()

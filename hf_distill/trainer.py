@@ -27,6 +27,7 @@ from .model_card import distillation_info, distillation_model_card
 from .modeling import SEQ2SEQ, TEACHER_TOKEN_KEYS, load_model, model_inputs, model_kind, position_limit
 from .on_policy import StepResponses
 from .quantization import prepare_qat, quantize_in_place
+from .served import add_served_targets, attach_rollouts, attach_server
 from .sharding import prepare_teacher
 from .teachers import (
     PROJECTIONS,
@@ -106,11 +107,13 @@ class DistillationTrainer(Trainer):
         check_train_dataset(train_dataset, kind, models=row_models, prompts_suffice=prompts_suffice)
         check_some_labels(args, train_dataset, kind)
         check_train_dataset(eval_dataset, kind, "eval_dataset", models=row_models)
-        self.cache_info = None
+        self.cache_info = self.server = None
         if args.teacher_cache is not None:
             train_dataset, data_collator, self.cache_info = attach_cache(
                 args, kind, train_dataset, data_collator, processing_class
             )
+        if args.teacher_server_url is not None:  # each batch asks the server for its teacher targets
+            self.server, data_collator = attach_server(args, kind, data_collator, processing_class, train_dataset)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
@@ -118,9 +121,12 @@ class DistillationTrainer(Trainer):
         self.teachers = [prepare_teacher(teacher, self.accelerator) for teacher in teachers]
         self.teacher_model = self.teachers[0] if self.teachers else None
         self.teacher_names = unique_names(teachers) if teachers else []  # short, for kd_loss/<name>
-        self.teacher_name = ", ".join(map(name_or_path, teachers)) if teachers else (
-            self.cache_info.get("teacher_name") or "cached teacher"
-        )
+        if teachers:
+            self.teacher_name = ", ".join(map(name_or_path, teachers))
+        elif self.server is not None:
+            self.teacher_name = f"{self.server.model} (served)"
+        else:
+            self.teacher_name = self.cache_info.get("teacher_name") or "cached teacher"
         self.loss_fn = DistillationLoss.from_config(args)
         self.forwards = ForwardPasses(self.teachers, kind, self.layer_map, args.chunked_loss,
                                       self.accelerator.unwrap_model, setup.shared_vocabulary)
@@ -128,9 +134,10 @@ class DistillationTrainer(Trainer):
         gather = self.accelerator.gather if args.world_size > 1 else None
         self.loss_log = LossLog(self.teacher_names, bool(self.layer_map), args.device, gather)
         limits = [limit for limit in map(position_limit, (self.model, *self.teachers)) if limit is not None]
+        synced = args.world_size > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self.responses = StepResponses(
-            args, processing_class, seq2seq=kind == SEQ2SEQ, max_positions=min(limits, default=None),
-            synced=args.world_size > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled),
+            args, processing_class, seq2seq=kind == SEQ2SEQ, max_positions=min(limits, default=None), synced=synced,
+            server=self.server, rollouts=attach_rollouts(args, self.model, processing_class, synced),
         )
         self.add_callback(StopOnNonFiniteLoss(self.loss_log))
 
@@ -162,6 +169,10 @@ class DistillationTrainer(Trainer):
             batches, on_policy = self.responses.replace(batches, self.state.global_step, student, teacher)
             if batches and self.args.lmbda > 0:
                 self.loss_log.count_step(on_policy)
+            if self.server is not None:  # generated rows: the served teacher scores them now
+                batches = [batch if "teacher_ids" in batch else add_served_targets(batch, self.server,
+                                                                                  self.args.distill_all_tokens)
+                           for batch in batches]
         if not batches or "labels" not in batches[0]:
             return batches, None
         targets = [self._targets(batch) for batch in batches]
@@ -210,7 +221,7 @@ class DistillationTrainer(Trainer):
     def _needs_teacher(self, mode: str) -> bool:
         """Training with alpha = 0 and no hidden-state term never runs the teacher; evaluation always reports KD."""
         wanted = self.args.alpha > 0 or self.args.hidden_loss_weight > 0 or mode == "eval"
-        return wanted and (bool(self.teachers) or self.cache_info is not None)
+        return wanted and (bool(self.teachers) or self.cache_info is not None or self.server is not None)
 
     # ---- checkpoints --------------------------------------------------------------------------------
 

@@ -48,11 +48,21 @@ class TeacherArguments(_TeacherFields):
 
     temperature: float = _config_field("temperature")
     distill_all_tokens: bool = _config_field("distill_all_tokens")
+    teacher_server_url: str | None = _config_field("teacher_server_url")
+    teacher_server_model: str | None = _config_field("teacher_server_model")
+    teacher_server_top_k: int = _config_field("teacher_server_top_k")
+    teacher_server_timeout: float = _config_field("teacher_server_timeout")
+    teacher_server_retries: int = _config_field("teacher_server_retries")
 
     def __post_init__(self):
         super().__post_init__()
         if self.temperature <= 0:
             raise UsageError(f"temperature={self.temperature} must be > 0.")
+        if self.teacher_server_url is not None and self.temperature != 1.0:
+            raise UsageError(
+                f"--teacher_server_url with temperature={self.temperature}: a server gives log-probabilities at "
+                "temperature 1 only; set --temperature 1."
+            )
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ..on_policy import generated_batch, generation_seed, sampling_config
 from ..pruning import describe_student, prune_student
 from ..trainer import DistillationTrainer
 from ..quantization import folder_bytes, save_quantized
+from ..served import TeacherServer
 from .evaluation import evaluate_model, layer_count
 from .recipe import STAGE_RECIPE_FIELDS, RecipeArguments, build_student, builder_for, model_columns, prepare_splits
 from .report import comparison_table, write_report
@@ -377,12 +378,18 @@ def cache_recipe_teacher(recipe: RecipeArguments, config, cache_dir: str, top_k=
     if len(_as_list(config.teacher_model_name_or_path)) > 1:
         raise ValueError("A teacher cache holds one teacher's targets; cache-teacher takes one teacher_model_name_or_path.")
     tokenizer = load_tokenizer(recipe, config)
-    teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))
     splits, _ = prepare_splits(recipe, tokenizer, seed=config.seed)
+    rows = model_columns(splits["train"])
+    if getattr(config, "teacher_server_url", None):  # the served model answers; the teacher's folder gives the tokenizer
+        teacher = TeacherServer.from_config(config)
+        teacher.check(tokenizer, max((len(ids) for ids in rows["input_ids"]), default=None))
+        name = f"{teacher.model} (served at {teacher.url})"
+    else:
+        teacher = load_model(config.teacher_model_name_or_path, kind=recipe.task, **(config.teacher_model_init_kwargs or {}))
+        name = config.teacher_model_name_or_path
     return build_cache(
-        teacher, model_columns(splits["train"]), tokenizer, cache_dir, temperature=config.temperature, top_k=top_k,
-        distill_all_tokens=config.distill_all_tokens, batch_size=batch_size,
-        teacher_name=config.teacher_model_name_or_path,
+        teacher, rows, tokenizer, cache_dir, temperature=config.temperature, top_k=top_k,
+        distill_all_tokens=config.distill_all_tokens, batch_size=batch_size, teacher_name=name,
     )
 
 

@@ -1,0 +1,282 @@
+"""A teacher served by a real vLLM server (its CPU build, in its own environment): the top-k it serves, training and
+the offline cache from it, and its faults.
+
+The server is started once for the module on a tiny Llama saved from a config. vLLM lives in `.vllm-venv/` (what
+`.ci/run` installs) or where HF_DISTILL_VLLM_PYTHON points; without it these tests are skipped.
+"""
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, causal_dataset, config, other_student, prompt_response_dataset, sharpen  # noqa: F401
+from datasets import Dataset
+
+from hf_distill import DistillationTrainer
+from hf_distill.cache import build_cache
+from hf_distill.data import default_collator
+from hf_distill.modeling import CAUSAL
+from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
+from hf_distill.served import LocalVLLMServer, ServedTeacherCollator, ServerError, TeacherServer
+
+VLLM_PYTHON = os.environ.get("HF_DISTILL_VLLM_PYTHON", str(REPO / ".vllm-venv" / "bin" / "python"))
+NAME = "tiny-teacher"
+TOP_K = 8
+MAX_MODEL_LEN = 96
+
+
+def tiny_teacher(tokenizer):
+    # head_dim 64: a size every vLLM CPU attention kernel takes
+    return sharpen(small_llama(len(tokenizer), hidden_size=128, num_layers=2, seed=0, num_attention_heads=2,
+                               num_key_value_heads=2), 5.0).eval()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tokenizer):
+    """(the running server's URL, the same teacher in this process, its folder)."""
+    if not os.path.exists(VLLM_PYTHON):
+        pytest.skip(f"vLLM is not installed at {VLLM_PYTHON} (.ci/run installs it; see docs/served_teacher.md)")
+    root = tmp_path_factory.mktemp("served")
+    teacher = tiny_teacher(tokenizer)
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    server = LocalVLLMServer(VLLM_PYTHON, str(root / "teacher"), name=NAME, max_model_len=MAX_MODEL_LEN,
+                             log_file=str(root / "vllm.log"))
+    try:
+        server.start()
+    except ServerError as error:
+        log = (root / "vllm.log").read_text(errors="replace")[-3000:]
+        pytest.fail(f"{error}\n{log}")
+    yield server.url, teacher, root / "teacher"
+    server.stop()
+
+
+def client(url, **overrides):
+    return TeacherServer(**({"url": url, "model": NAME, "top_k": TOP_K, "retries": 1, "timeout": 60} | overrides))
+
+
+def local_top_k(teacher, row, k):
+    with torch.no_grad():
+        logprobs = torch.log_softmax(teacher(torch.tensor([row])).logits[0, :-1].double(), -1)
+    return logprobs.topk(k, -1)
+
+
+def test_served_top_k_equals_the_same_models_local_top_k(served, tokenizer):
+    url, teacher, _ = served
+    rows = [tokenizer("In the beginning God created the heaven and the earth.")["input_ids"],
+            tokenizer("And the earth was without form")["input_ids"]]
+    answers = client(url).top_k_logprobs(rows)
+    for row, (ids, logprobs) in zip(rows, answers):
+        values, indices = local_top_k(teacher, row, TOP_K)
+        assert ids.shape == logprobs.shape == (len(row) - 1, TOP_K)
+        np.testing.assert_allclose(logprobs, values.numpy(), atol=2e-4)
+        # ids agree except where two log-probs tie within the tolerance
+        gaps = np.diff(values.numpy(), axis=-1)
+        for t in range(len(row) - 1):
+            if np.all(np.abs(gaps[t]) > 1e-3):
+                assert ids[t].tolist() == indices[t].tolist()
+
+
+def test_server_is_checked_at_start(served, tokenizer):
+    url, _, _ = served
+    assert client(url, model=None).check(tokenizer, 64) == NAME  # the one model served
+    with pytest.raises(ServerError, match=r"teacher_server_model='nope' is not served at .* serves \['tiny-teacher'\]"):
+        client(url, model="nope").check(tokenizer)
+    with pytest.raises(ServerError, match=rf"at most {MAX_MODEL_LEN} tokens a row .*--max-model-len 200"):
+        client(url).check(tokenizer, 200)
+    other = train_bpe_tokenizer(["completely different words in another tokenizer"] * 20, vocab_size=300)
+    with pytest.raises(ServerError, match="tokenizes text differently from the student's tokenizer"):
+        client(url).check(other)
+
+
+def test_a_row_longer_than_the_server_takes_is_a_clear_error(served, tokenizer):
+    url, _, _ = served
+    with pytest.raises(ServerError, match=r"refused the request \(HTTP 400.*--max-model-len"):
+        client(url).top_k_logprobs([[5] * (MAX_MODEL_LEN + 10)])
+
+
+def test_more_log_probs_than_the_server_serves_is_a_clear_error(served, tokenizer):
+    url, _, _ = served
+    with pytest.raises(ServerError, match="--max-logprobs 500"):
+        client(url, top_k=500).top_k_logprobs([[5, 6, 7]])
+
+
+def test_cache_from_the_server_matches_the_cache_built_here(served, tokenizer, tmp_path):
+    url, teacher, _ = served
+    rows = prompt_response_dataset(tokenizer, n=12)
+    local = build_cache(teacher, rows, tokenizer, tmp_path / "local", top_k=TOP_K)
+    remote = build_cache(client(url), rows, tokenizer, tmp_path / "served", top_k=TOP_K)
+    info = [json.loads((path / "cache_info.json").read_text()) for path in (local, remote)]
+    assert info[0]["dataset"] == info[1]["dataset"] and info[0]["tokenizer"] == info[1]["tokenizer"]
+    assert info[0]["settings"] == info[1]["settings"]
+    assert info[1]["teacher_name"] == NAME
+    a = Dataset.from_file(str(local / "shard-00000.arrow"))
+    b = Dataset.from_file(str(remote / "shard-00000.arrow"))
+    for row_a, row_b in zip(a, b):
+        np.testing.assert_allclose(row_a["teacher_logprobs"], row_b["teacher_logprobs"], atol=2e-3)  # float16 rows
+        same = np.mean(np.array(row_a["teacher_ids"]) == np.array(row_b["teacher_ids"]))
+        assert same > 0.95  # ties within float16 may swap neighbours
+
+
+def served_trainer(tmp_path, url, student, dataset, tokenizer, name="served", **overrides):
+    settings = dict(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4, alpha=0.7,
+                    teacher_server_url=url, teacher_server_model=NAME, teacher_server_top_k=TOP_K,
+                    teacher_server_retries=1)
+    return DistillationTrainer(model=student, args=config(tmp_path, **(settings | overrides)), train_dataset=dataset,
+                               processing_class=tokenizer)
+
+
+def test_training_from_the_server_equals_training_from_its_offline_cache(served, tokenizer, tmp_path):
+    url, teacher, _ = served
+    dataset = prompt_response_dataset(tokenizer, n=12)
+    build_cache(teacher, dataset, tokenizer, tmp_path / "cache", top_k=TOP_K)
+    student = lambda: small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)  # noqa: E731
+    from_server = served_trainer(tmp_path, url, student(), dataset, tokenizer)
+    assert from_server.args.dataloader_num_workers == 1  # requests overlap the step
+    assert from_server.teacher_model is None and "served" in from_server.teacher_name
+    from_server.train()
+    from_cache = DistillationTrainer(
+        model=student(), args=config(tmp_path, output_dir=str(tmp_path / "cached"), max_steps=3,
+                                     per_device_train_batch_size=4, alpha=0.7, teacher_cache=str(tmp_path / "cache")),
+        train_dataset=dataset, processing_class=tokenizer,
+    )
+    from_cache.train()
+    logs = [[log for log in t.state.log_history if "kd_loss" in log] for t in (from_server, from_cache)]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        assert a["kd_loss"] == pytest.approx(b["kd_loss"], rel=2e-3)
+        assert a["ce_loss"] == pytest.approx(b["ce_loss"], rel=2e-3)
+
+
+def test_resume_with_a_served_teacher(served, tokenizer, tmp_path):
+    url, _, _ = served
+    dataset = prompt_response_dataset(tokenizer, n=12)
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=1, dataloader_num_workers=0)
+    whole = served_trainer(tmp_path, url, small_llama(len(tokenizer), 32, 1, seed=1), dataset, tokenizer, "whole", **settings)
+    whole.train()
+    resumed = served_trainer(tmp_path, url, other_student(tokenizer), dataset, tokenizer, "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    last = [[log for log in t.state.log_history if log.get("step") == 4 and "kd_loss" in log][0] for t in (whole, resumed)]
+    assert last[1]["kd_loss"] == pytest.approx(last[0]["kd_loss"], rel=1e-4)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+# ---- faults, from a stand-in server whose answers are scripted ------------------------------------------------
+
+
+class Scripted(BaseHTTPRequestHandler):
+    script: list = []  # (status, body, delay) answered in turn; the last one repeats
+    seen: list = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        Scripted.seen.append(self.path)
+        status, body, delay = Scripted.script[min(len(Scripted.seen) - 1, len(Scripted.script) - 1)]
+        time.sleep(delay)
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Scripted.seen = []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def answer(rows, k=2):
+    """A well-formed completions answer: every position gives token 5 then 6."""
+    entry = {"5": {"logprob": -0.5, "rank": 1}, "6": {"logprob": -1.5, "rank": 2}}
+    return {"choices": [{"index": i, "prompt_logprobs": [None] + [entry] * (len(row) - 1)} for i, row in enumerate(rows)]}
+
+
+def test_a_5xx_and_a_slow_answer_are_retried(scripted):
+    Scripted.script = [(503, {"error": {"message": "busy"}}, 0), (200, answer([[1, 2, 3]]), 2.0), (200, answer([[1, 2, 3]]), 0)]
+    ids, logprobs = TeacherServer(scripted, "m", top_k=2, retries=3, timeout=1.0).top_k_logprobs([[1, 2, 3]])[0]
+    assert len(Scripted.seen) == 3  # 503, then too slow, then answered
+    assert ids.tolist() == [[5, 6], [5, 6]] and logprobs.tolist() == [[-0.5, -1.5], [-0.5, -1.5]]
+
+
+def test_a_server_that_keeps_failing_stops_with_its_url(scripted):
+    Scripted.script = [(500, {"error": {"message": "engine died"}}, 0)]
+    with pytest.raises(ServerError, match=rf"{scripted}/v1/completions failed 2 times \(HTTP 500: engine died\)"):
+        TeacherServer(scripted, "m", top_k=2, retries=1).top_k_logprobs([[1, 2, 3]])
+
+
+def test_a_server_gone_away_stops_with_its_url():
+    url = "http://127.0.0.1:9"  # the discard port: nothing listens
+    with pytest.raises(ServerError, match=r"127.0.0.1:9/v1/models failed 1 times \(cannot connect"):
+        TeacherServer(url, retries=0).check(None)
+
+
+def test_a_partial_answer_is_refused_not_trained_on(scripted):
+    short = answer([[1, 2, 3]])
+    short["choices"][0]["prompt_logprobs"] = short["choices"][0]["prompt_logprobs"][:2]
+    Scripted.script = [(200, short, 0)]
+    with pytest.raises(ServerError, match="gave log-probs for 2 of a row's 3 positions"):
+        TeacherServer(scripted, "m", top_k=2, retries=0).top_k_logprobs([[1, 2, 3]])
+    Scripted.seen, Scripted.script = [], [(200, {"choices": []}, 0)]
+    with pytest.raises(ServerError, match="answered 0 of 1 rows"):
+        TeacherServer(scripted, "m", top_k=2, retries=0).top_k_logprobs([[1, 2, 3]])
+
+
+def test_the_collator_puts_each_selected_position_s_entry_in_order(scripted, tokenizer):
+    """Right-padded rows with a masked prompt: entries come for the label positions only, row-major."""
+    rows = [[7, 8, 9, 10], [11, 12]]
+
+    class Positional(Scripted):  # each position's top entry is the id of the token it predicts
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            choices = [{"index": i, "prompt_logprobs": [None] + [{str(tok): {"logprob": -0.1}, "0": {"logprob": -3.0}}
+                                                               for tok in row[1:]]} for i, row in enumerate(body["prompt"])]
+            payload = json.dumps({"choices": choices}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Positional)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        features = [{"input_ids": rows[0], "attention_mask": [1] * 4, "labels": [-100, -100, 9, 10]},
+                    {"input_ids": rows[1], "attention_mask": [1] * 2, "labels": [-100, 12]}]
+        collate = ServedTeacherCollator(default_collator(CAUSAL, tokenizer),
+                                        TeacherServer(f"http://127.0.0.1:{server.server_address[1]}", "m", top_k=2))
+        batch = collate(features)
+    finally:
+        server.shutdown()
+    assert batch["teacher_ids"][:, 0].tolist() == [9, 10, 12]  # positions 1, 2 of row 0 and 0 of row 1
+    assert batch["teacher_logprobs"].shape == (3, 2) and batch["teacher_lse"].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(temperature=2.0), "temperature=2.0: a server gives log-probabilities at temperature 1 only"),
+        (dict(loss_type="mse"), "loss_type='mse': a server gives log-probabilities, not logits"),
+        (dict(hidden_loss_weight=1.0), "hidden_loss_weight=1.0: a server gives no hidden states"),
+        (dict(teacher_cache="cache/"), "teacher_cache='cache/': train from one or the other"),
+        (dict(teacher_model_name_or_path="t"), "teacher_model_name_or_path='t': the served model is the teacher"),
+        (dict(lmbda=0.5), "lmbda=0.5, seq_kd=False: generated responses are not sent to the server yet"),
+        (dict(teacher_server_top_k=0), "teacher_server_top_k=0 must be a whole number >= 1"),
+        (dict(teacher_server_url="localhost:8000"), "teacher_server_url='localhost:8000' must be an http"),
+    ],
+)
+def test_settings_a_served_teacher_cannot_take_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config(tmp_path, **({"teacher_server_url": "http://localhost:8000"} | overrides))
