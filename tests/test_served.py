@@ -22,7 +22,7 @@ from hf_distill.cache import build_cache
 from hf_distill.data import default_collator
 from hf_distill.modeling import CAUSAL
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
-from hf_distill.served import LocalVLLMServer, ServedTeacherCollator, ServerError, TeacherServer
+from hf_distill.served import LocalVLLMServer, RolloutServer, ServedTeacherCollator, ServerError, TeacherServer
 
 VLLM_PYTHON = os.environ.get("HF_DISTILL_VLLM_PYTHON", str(REPO / ".vllm-venv" / "bin" / "python"))
 NAME = "tiny-teacher"
@@ -45,8 +45,9 @@ def served(tmp_path_factory, tokenizer):
     teacher = tiny_teacher(tokenizer)
     teacher.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
+    # Dev mode: the same server also stands in for a student's rollout server (it takes new weights).
     server = LocalVLLMServer(VLLM_PYTHON, str(root / "teacher"), name=NAME, max_model_len=MAX_MODEL_LEN,
-                             log_file=str(root / "vllm.log"))
+                             log_file=str(root / "vllm.log"), env={"VLLM_SERVER_DEV_MODE": "1"})
     try:
         server.start()
     except ServerError as error:
@@ -118,7 +119,7 @@ def test_cache_from_the_server_matches_the_cache_built_here(served, tokenizer, t
     a = Dataset.from_file(str(local / "shard-00000.arrow"))
     b = Dataset.from_file(str(remote / "shard-00000.arrow"))
     for row_a, row_b in zip(a, b):
-        np.testing.assert_allclose(row_a["teacher_logprobs"], row_b["teacher_logprobs"], atol=2e-3)  # float16 rows
+        np.testing.assert_allclose(row_a["teacher_logprobs"], row_b["teacher_logprobs"], atol=5e-3)  # float16 rows: one ulp at |4| is 0.0039
         same = np.mean(np.array(row_a["teacher_ids"]) == np.array(row_b["teacher_ids"]))
         assert same > 0.95  # ties within float16 may swap neighbours
 
@@ -162,9 +163,14 @@ def test_resume_with_a_served_teacher(served, tokenizer, tmp_path):
     resumed = served_trainer(tmp_path, url, other_student(tokenizer), dataset, tokenizer, "resumed", **settings)
     resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
     last = [[log for log in t.state.log_history if log.get("step") == 4 and "kd_loss" in log][0] for t in (whole, resumed)]
-    assert last[1]["kd_loss"] == pytest.approx(last[0]["kd_loss"], rel=1e-4)
+    # The server's log-probs for a row repeat to ~1e-5, not bit for bit (its batching and caching vary), and Adam
+    # turns a tiny gradient's noise into a step of up to lr (1e-3) in either direction; the resumed student started
+    # from other weights, which differ from these by far more than that.
+    assert last[1]["kd_loss"] == pytest.approx(last[0]["kd_loss"], rel=2e-3)
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-3, msg=name)
+    start = other_student(tokenizer).state_dict()
+    assert max((a - start[name]).abs().max().item() for name, a in whole.model.state_dict().items()) > 5e-2
 
 
 # ---- faults, from a stand-in server whose answers are scripted ------------------------------------------------
@@ -185,6 +191,8 @@ class Scripted(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    do_GET = do_POST
 
     def log_message(self, *args):
         pass
@@ -272,11 +280,107 @@ def test_the_collator_puts_each_selected_position_s_entry_in_order(scripted, tok
         (dict(hidden_loss_weight=1.0), "hidden_loss_weight=1.0: a server gives no hidden states"),
         (dict(teacher_cache="cache/"), "teacher_cache='cache/': train from one or the other"),
         (dict(teacher_model_name_or_path="t"), "teacher_model_name_or_path='t': the served model is the teacher"),
-        (dict(lmbda=0.5), "lmbda=0.5, seq_kd=False: generated responses are not sent to the server yet"),
         (dict(teacher_server_top_k=0), "teacher_server_top_k=0 must be a whole number >= 1"),
         (dict(teacher_server_url="localhost:8000"), "teacher_server_url='localhost:8000' must be an http"),
+        (dict(teacher_server_url=None, use_vllm=True), "use_vllm=True generates the student's on-policy responses, "
+         "but lmbda=0"),
+        (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0), "use_vllm=True needs vllm_server_base_url"),
+        (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0, vllm_mode="colocate"),
+         "vllm_mode='colocate': only 'server' is built"),
+        (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0, vllm_server_base_url="http://h:1",
+              vllm_sync_interval=0), "vllm_sync_interval=0 must be a whole number >= 1"),
     ],
 )
 def test_settings_a_served_teacher_cannot_take_are_refused(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config(tmp_path, **({"teacher_server_url": "http://localhost:8000"} | overrides))
+
+
+def spy_batches(trainer):
+    """The batches compute_loss sees (on the CPU)."""
+    seen, original = [], trainer.compute_loss
+
+    def spy(model, inputs, *args, **kwargs):
+        seen.append({key: value.cpu() for key, value in inputs.items() if torch.is_tensor(value)})
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = spy
+    return seen
+
+
+def test_seq_kd_answers_come_from_the_server_and_train(served, tokenizer, tmp_path):
+    url, teacher, _ = served
+    prompts = prompt_response_dataset(tokenizer, n=8, max_length=24)
+    trainer = served_trainer(tmp_path, url, small_llama(len(tokenizer), 32, 1, seed=1), prompts, tokenizer, "seq_kd",
+                             seq_kd=True, max_new_tokens=6, max_steps=2, dataloader_num_workers=0)
+    seen = spy_batches(trainer)
+    trainer.train()
+    assert len(seen) == 2 and "teacher_ids" in seen[0]
+    batch = seen[0]  # the server's greedy answers are the same model's greedy answers here
+    for row, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist()):
+        start = next(i for i, label in enumerate(labels) if label != -100)
+        response = [label for label in labels if label != -100]
+        with torch.no_grad():
+            local = teacher.generate(torch.tensor([row[:start]]), max_new_tokens=6, do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=0)[0, start:].tolist()
+        assert response == local[: len(response)] and 1 <= len(response) <= 6
+    assert all(np.isfinite(log["kd_loss"]) for log in trainer.state.log_history if "kd_loss" in log)
+
+
+def test_on_policy_samples_are_scored_by_the_server(served, tokenizer, tmp_path):
+    url, teacher, _ = served
+    prompts = prompt_response_dataset(tokenizer, n=8, max_length=24)
+    trainer = served_trainer(tmp_path, url, small_llama(len(tokenizer), 32, 1, seed=1), prompts, tokenizer, "gkd",
+                             lmbda=1.0, alpha=1.0, max_new_tokens=6, max_steps=2, dataloader_num_workers=0)
+    seen = spy_batches(trainer)
+    trainer.train()
+    assert len(seen) == 2
+    batch = seen[0]  # the served teacher's log-probs of the student's samples, at the response positions
+    row = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    values, _ = local_top_k(teacher, row, TOP_K)
+    positions = (batch["labels"][0][1:] != -100).nonzero().flatten()
+    assert len(positions) >= 1
+    np.testing.assert_allclose(batch["teacher_logprobs"][: len(positions)].numpy(), values[positions].numpy(), atol=2e-4)
+
+
+def test_a_rollout_server_without_dev_mode_is_a_clear_error(scripted):
+    Scripted.script = [(200, {"data": [{"id": "m"}]}, 0), (404, {"detail": "Not Found"}, 0)]
+    with pytest.raises(ServerError, match="cannot take new weights: start it with VLLM_SERVER_DEV_MODE=1"):
+        RolloutServer(scripted, retries=0).check(None)
+    assert Scripted.seen == ["/v1/models", "/reset_prefix_cache"]
+
+
+# Last: it sends other weights to the module's server (and puts the teacher's back).
+def test_use_vllm_samples_the_current_student_on_the_server(served, tokenizer, tmp_path):
+    url, teacher, folder = served
+    student = small_llama(len(tokenizer), hidden_size=128, num_layers=2, seed=3, num_attention_heads=2,
+                          num_key_value_heads=2)
+    prompts = prompt_response_dataset(tokenizer, n=8, max_length=24)
+    args = config(tmp_path, lmbda=1.0, alpha=1.0, use_vllm=True, vllm_server_base_url=url, max_new_tokens=6,
+                  max_steps=3, vllm_sync_interval=2, learning_rate=1e-2, per_device_train_batch_size=4)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts,
+                                  processing_class=tokenizer)
+    pushes = []
+    push = trainer.responses.rollouts.push_weights
+    trainer.responses.rollouts.push_weights = lambda model, path: (pushes.append(path), push(model, path))
+    seen = spy_batches(trainer)
+    rollouts = RolloutServer(url, NAME, top_k=TOP_K, retries=1)
+    row = prompt_response_dataset(tokenizer, n=1)[0]["input_ids"]
+    try:
+        trainer.train()
+        assert len(pushes) == 2  # steps 0 and 2, with vllm_sync_interval=2
+        assert pushes[0] == str(tmp_path / "out" / "vllm-weights")
+        assert len(seen) == 3 and all((batch["labels"] != -100).any() for batch in seen)
+        # Once sent, the student's weights are what the server computes with, not the teacher's it started on.
+        rollouts.push_weights(trainer.model, str(tmp_path / "now"))
+        ids, logprobs = rollouts.top_k_logprobs([row])[0]
+        values, indices = local_top_k(trainer.model.eval(), row, TOP_K)
+        np.testing.assert_allclose(logprobs, values.numpy(), atol=2e-4)
+        assert (ids == indices.numpy()).mean() > 0.95
+        teacher_values, _ = local_top_k(teacher, row, TOP_K)
+        assert np.abs(logprobs - teacher_values.numpy()).max() > 0.1
+    finally:
+        rollouts.request("POST", "/collective_rpc", {"method": "reload_weights",
+                                                      "kwargs": {"weights_path": str(folder)}})
+        rollouts.request("POST", "/reset_prefix_cache")
+    assert all(np.isfinite(log["kd_loss"]) for log in trainer.state.log_history if "kd_loss" in log)
