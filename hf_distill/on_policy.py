@@ -10,6 +10,7 @@ import torch
 from transformers import GenerationConfig
 
 from .modeling import unwrap_model
+from .served import add_served_targets
 
 
 def is_on_policy_step(lmbda: float, seed: int, step: int) -> bool:
@@ -178,7 +179,7 @@ class StepResponses:
         seq2seq: whether the models are seq2seq (the teacher writes each source's target).
         max_positions: the fewest positions any model takes (prompt + response must fit), or None.
         synced: the generator is sharded across processes (FSDP, ZeRO-3).
-        server: a served teacher (`TeacherServer`), which writes the `seq_kd` responses.
+        server: a served teacher (`TeacherServer`), which writes the `seq_kd` responses and scores generated rows.
         rollouts: the student's vLLM server (`RolloutServer`, `use_vllm`), which writes the on-policy responses
             after being sent the student's weights (every `vllm_sync_interval` steps).
     """
@@ -205,6 +206,10 @@ class StepResponses:
             batches = [self._answered(student, batch, step, i, by_teacher=False) for i, batch in enumerate(batches)]
         elif batches and self.args.seq_kd:
             batches = [self._answered(teacher, batch, step, i, by_teacher=True) for i, batch in enumerate(batches)]
+        if self.server is not None:  # generated rows: the served teacher scores them now
+            batches = [batch if "teacher_ids" in batch else add_served_targets(batch, self.server,
+                                                                              self.args.distill_all_tokens)
+                       for batch in batches]
         return batches, on_policy
 
     def _sync_rollouts(self, student, step: int) -> None:

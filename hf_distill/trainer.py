@@ -27,7 +27,7 @@ from .model_card import distillation_info, distillation_model_card
 from .modeling import SEQ2SEQ, TEACHER_TOKEN_KEYS, load_model, model_inputs, model_kind, position_limit
 from .on_policy import StepResponses
 from .quantization import prepare_qat, quantize_in_place
-from .served import add_served_targets, attach_rollouts, attach_server
+from .served import attach_rollouts, attach_server
 from .sharding import prepare_teacher
 from .teachers import (
     PROJECTIONS,
@@ -169,10 +169,6 @@ class DistillationTrainer(Trainer):
             batches, on_policy = self.responses.replace(batches, self.state.global_step, student, teacher)
             if batches and self.args.lmbda > 0:
                 self.loss_log.count_step(on_policy)
-            if self.server is not None:  # generated rows: the served teacher scores them now
-                batches = [batch if "teacher_ids" in batch else add_served_targets(batch, self.server,
-                                                                                  self.args.distill_all_tokens)
-                           for batch in batches]
         if not batches or "labels" not in batches[0]:
             return batches, None
         targets = [self._targets(batch) for batch in batches]
