@@ -245,7 +245,10 @@ class RolloutServer(TeacherServer):
 
     def push_weights(self, student, folder: str) -> None:
         """Send `student`'s weights (a `PreTrainedModel`, saved to `folder`) to the server."""
-        student.save_pretrained(folder)
+        from .teachers import PROJECTIONS  # the hidden-state term's projections are not the served model's
+
+        weights = {name: value for name, value in student.state_dict().items() if not name.startswith(PROJECTIONS)}
+        student.save_pretrained(folder, state_dict=weights)
         self.request("POST", "/collective_rpc",
                      {"method": "reload_weights", "kwargs": {"weights_path": os.path.abspath(folder)}})
         self.request("POST", "/reset_prefix_cache")
