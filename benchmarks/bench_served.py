@@ -256,7 +256,10 @@ def main():
         ratios["rss_live_minus_served_mb"] = results["train-live"]["peak_rss_mb"] - results["train-served"]["peak_rss_mb"]
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
-    row = {"settings": {k: v for k, v in vars(args).items() if k not in ("arm", "url", "work", "out")},
+    paths = ("model_dir", "vllm_python")  # kept relative to the repository, not this machine's absolute paths
+    settings = {k: (os.path.relpath(v, REPO) if k in paths else v) for k, v in vars(args).items()
+                if k not in ("arm", "url", "work", "out")}
+    row = {"settings": settings,
            "results": results, "ratios": ratios, "time": time.strftime("%Y-%m-%d %H:%M")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a", encoding="utf-8") as handle:
