@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -373,7 +373,6 @@ class DistillationConfig(TrainingArguments):
             if conflict:
                 raise ValueError(f"cross_tokenizer={value!r} does not work with {given}: {fix}.")
 
-
     def _check_teacher_server(self) -> None:
         """What a served teacher can't be combined with, refused before anything loads."""
         url = self.teacher_server_url
@@ -381,14 +380,9 @@ class DistillationConfig(TrainingArguments):
             return
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"teacher_server_url={url!r} must be an http(s) URL, like http://localhost:8000.")
-        for name in ("teacher_server_top_k", "teacher_server_retries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name.endswith("top_k") else 0):
-                raise ValueError(f"{name}={value!r} must be a whole number >= {1 if name.endswith('top_k') else 0}.")
-        if isinstance(self.teacher_server_timeout, bool) or not (
-            isinstance(self.teacher_server_timeout, (int, float)) and self.teacher_server_timeout > 0
-        ):
-            raise ValueError(f"teacher_server_timeout={self.teacher_server_timeout!r} must be a number of seconds > 0.")
+        self._check_whole_number("teacher_server_top_k", 1)
+        self._check_whole_number("teacher_server_retries", 0)
+        self._check_seconds("teacher_server_timeout")
         conflicts = [
             (self.teacher_model_name_or_path is not None, f"teacher_model_name_or_path={self.teacher_model_name_or_path!r}",
              "the served model is the teacher; drop teacher_model_name_or_path"),
@@ -409,6 +403,16 @@ class DistillationConfig(TrainingArguments):
         if self.dataloader_num_workers == 0:  # requests for the next batches overlap the current step
             self.dataloader_num_workers = 1
 
+    def _check_whole_number(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name}={value!r} must be a whole number >= {minimum}.")
+
+    def _check_seconds(self, name: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name}={value!r} must be a number of seconds > 0.")
+
     def _check_vllm(self) -> None:
         if not self.use_vllm:
             return
@@ -422,12 +426,8 @@ class DistillationConfig(TrainingArguments):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"use_vllm=True needs vllm_server_base_url, an http(s) URL like http://localhost:8001; "
                              f"got {url!r}.")
-        interval = self.vllm_sync_interval
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"vllm_sync_interval={interval!r} must be a whole number >= 1 of optimizer steps.")
-        timeout = self.vllm_server_timeout
-        if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"vllm_server_timeout={timeout!r} must be a number of seconds > 0.")
+        self._check_whole_number("vllm_sync_interval", 1)
+        self._check_seconds("vllm_server_timeout")
         if self.vllm_weights_dir is None:
             self.vllm_weights_dir = os.path.join(self.output_dir or "trainer_output", "vllm-weights")
 
