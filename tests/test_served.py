@@ -360,21 +360,25 @@ def test_use_vllm_samples_the_current_student_on_the_server(served, tokenizer, t
                   max_steps=3, vllm_sync_interval=2, learning_rate=1e-2, per_device_train_batch_size=4)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts,
                                   processing_class=tokenizer)
-    pushes = []
+    pushes = []  # (folder, the weights sent)
     push = trainer.responses.rollouts.push_weights
-    trainer.responses.rollouts.push_weights = lambda model, path: (pushes.append(path), push(model, path))
+    trainer.responses.rollouts.push_weights = lambda model, path: (
+        pushes.append((path, {k: v.clone() for k, v in model.state_dict().items()})), push(model, path))
     seen = spy_batches(trainer)
     rollouts = RolloutServer(url, NAME, top_k=TOP_K, retries=1)
     row = prompt_response_dataset(tokenizer, n=1)[0]["input_ids"]
     try:
         trainer.train()
         assert len(pushes) == 2  # steps 0 and 2, with vllm_sync_interval=2
-        assert pushes[0] == str(tmp_path / "out" / "vllm-weights")
+        assert pushes[0][0] == str(tmp_path / "out" / "vllm-weights")
         assert len(seen) == 3 and all((batch["labels"] != -100).any() for batch in seen)
-        # Once sent, the student's weights are what the server computes with, not the teacher's it started on.
-        rollouts.push_weights(trainer.model, str(tmp_path / "now"))
+        # The server computes with the weights training sent last (step 2's), not the teacher's it started on.
+        sent = small_llama(len(tokenizer), hidden_size=128, num_layers=2, seed=0, num_attention_heads=2,
+                           num_key_value_heads=2)
+        sent.load_state_dict(pushes[-1][1])
+        assert any(not torch.equal(a, pushes[0][1][name]) for name, a in pushes[-1][1].items())  # it trained
         ids, logprobs = rollouts.top_k_logprobs([row])[0]
-        values, indices = local_top_k(trainer.model.eval(), row, TOP_K)
+        values, indices = local_top_k(sent.eval(), row, TOP_K)
         np.testing.assert_allclose(logprobs, values.numpy(), atol=2e-4)
         assert (ids == indices.numpy()).mean() > 0.95
         teacher_values, _ = local_top_k(teacher, row, TOP_K)
