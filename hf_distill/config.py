@@ -167,7 +167,9 @@ class DistillationConfig(TrainingArguments):
             "each row and distills from them like from teacher_cache (its weights never load here). Causal LMs, the "
             "student's tokenizer (checked at start), temperature 1, probability losses (not mse/cosine), no "
             "hidden-state term. Batches are prepared by dataloader_num_workers processes (1 unless set) so the "
-            "next batches' requests run during the current step. See docs/served_teacher.md."
+            "next batches' requests run during the current step. teacher_model_name_or_path may name a local copy "
+            "of the served model: the trainer never loads it; recipes make their student from it and score the "
+            "teacher's row with it. See docs/served_teacher.md."
         },
     )
     teacher_server_model: str | None = field(
@@ -384,10 +386,10 @@ class DistillationConfig(TrainingArguments):
         self._check_whole_number("teacher_server_retries", 0)
         self._check_seconds("teacher_server_timeout")
         conflicts = [
-            (self.teacher_model_name_or_path is not None, f"teacher_model_name_or_path={self.teacher_model_name_or_path!r}",
-             "the served model is the teacher; drop teacher_model_name_or_path"),
             (self.teacher_cache is not None, f"teacher_cache={self.teacher_cache!r}",
              "train from one or the other (`hf-distill cache-teacher --teacher_server_url` builds a cache from the server)"),
+            (isinstance(self.teacher_model_name_or_path, list), f"{len(self.teacher_model_name_or_path or [])} "
+             "teachers in teacher_model_name_or_path", "a server serves one teacher; name its local copy only"),
             (self.temperature != 1.0, f"temperature={self.temperature}",
              "a server gives log-probabilities at temperature 1 only, whose tail can't be re-tempered; set temperature=1"),
             (self.loss_type in ("mse", "cosine"), f"loss_type={self.loss_type!r}",

@@ -3,6 +3,7 @@ term's layer map and projections, and the short names their log lines use."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -44,17 +45,18 @@ class Teachers:
 
 def load_teachers(student, teacher, args, kind, processing_class, teacher_processing_class) -> Teachers:
     """The teacher models (loaded from their paths if need be), each checked to fit the student."""
-    teacher = teacher if teacher is not None else args.teacher_model_name_or_path
-    offline = args.teacher_cache is not None or args.teacher_server_url is not None
-    if teacher is None and not offline:
-        raise ValueError(
-            "DistillationTrainer needs a teacher: pass teacher_model=..., set teacher_model_name_or_path, train from "
-            "an offline cache with teacher_cache=..., or from a served one with teacher_server_url=..."
-        )
     if teacher is not None and args.teacher_server_url is not None:
         raise ValueError(
             f"teacher_server_url={args.teacher_server_url!r} serves the teacher, and a teacher_model was passed too: "
             "give one or the other."
+        )
+    if args.teacher_server_url is not None:  # teacher_model_name_or_path, if set, is a local copy that stays on disk
+        return Teachers()
+    teacher = teacher if teacher is not None else args.teacher_model_name_or_path
+    if teacher is None and args.teacher_cache is None:
+        raise ValueError(
+            "DistillationTrainer needs a teacher: pass teacher_model=..., set teacher_model_name_or_path, train from "
+            "an offline cache with teacher_cache=..., or from a served one with teacher_server_url=..."
         )
     if teacher is None:
         return Teachers()
@@ -186,3 +188,30 @@ def unique_names(teachers) -> list[str]:
     """Short names for the teachers' log lines: the last part of each one's path or id, numbered if repeated."""
     names = [os.path.basename(name_or_path(teacher).rstrip("/")) for teacher in teachers]
     return [f"{name}_{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def teacher_title(teachers, server=None, cache_info=None) -> str:
+    """The teacher as the model card and Hub commit name it: its path(s), the served model, or the cache's teacher."""
+    if teachers:
+        return ", ".join(map(name_or_path, teachers))
+    if server is not None:
+        return f"{server.model} (served)"
+    return (cache_info or {}).get("teacher_name") or "cached teacher"
+
+
+def projections(model) -> nn.ModuleList | None:
+    """The student's hidden-state projections, if it has them."""
+    return getattr(model, PROJECTIONS, None)
+
+
+@contextlib.contextmanager
+def without_projections(model):
+    """The student as exported: its hidden-state projections taken off for the duration (checkpoints keep them)."""
+    taken = projections(model)
+    if taken is not None:
+        delattr(model, PROJECTIONS)
+    try:
+        yield model
+    finally:
+        if taken is not None:
+            model.add_module(PROJECTIONS, taken)

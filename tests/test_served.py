@@ -14,13 +14,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, causal_dataset, config, other_student, prompt_response_dataset, sharpen  # noqa: F401
+from conftest import DATA, FAST, REPO, causal_dataset, config, other_student, prompt_response_dataset, sharpen  # noqa: F401
 from datasets import Dataset
 
 from hf_distill import DistillationTrainer
 from hf_distill.cache import build_cache
 from hf_distill.data import default_collator
 from hf_distill.modeling import CAUSAL
+from hf_distill.runner.cli import main
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
 from hf_distill.served import LocalVLLMServer, RolloutServer, ServedTeacherCollator, ServerError, TeacherServer
 
@@ -173,6 +174,29 @@ def test_resume_with_a_served_teacher(served, tokenizer, tmp_path):
     assert max((a - start[name]).abs().max().item() for name, a in whole.model.state_dict().items()) > 5e-2
 
 
+def test_a_recipe_trains_from_the_server_and_its_local_copy_makes_and_scores(served, tokenizer, tmp_path, capsys):
+    """`hf-distill train --teacher_server_url`: the local copy of the served model makes the student (by layers) and
+    scores the teacher's row; the students train on the server's targets."""
+    url, _, folder = served
+    out = tmp_path / "run"
+    assert main([
+        "train", str(REPO / "recipes" / "lm_from_teacher.yaml"), "--teacher_model_name_or_path", str(folder),
+        "--teacher_server_url", url, "--teacher_server_top_k", str(TOP_K), "--hidden_loss_weight", "0",
+        "--student_num_layers", "1", "--calibration_rows", "4", "--dataset_name", DATA, "--max_train_samples", "48",
+        "--max_length", "48", "--output_dir", str(out), *FAST,
+    ]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert [row["model"] for row in report["rows"]] == ["teacher", "distilled", "baseline (no teacher)"]
+    assert all("agreement" in row for row in report["rows"][1:])
+    assert any("kd_loss" in log for log in report["histories"]["distilled"])
+    assert f"{NAME} (served)" in (out / "README.md").read_text()
+    # Without a hidden-state term off, the recipe is refused in one line before anything loads.
+    assert main(["train", str(REPO / "recipes" / "lm_from_teacher.yaml"), "--teacher_model_name_or_path", str(folder),
+                 "--teacher_server_url", url, "--output_dir", str(tmp_path / "refused")]) == 2
+    assert "a server gives no hidden states; set hidden_loss_weight=0" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 # ---- faults, from a stand-in server whose answers are scripted ------------------------------------------------
 
 
@@ -279,7 +303,6 @@ def test_the_collator_puts_each_selected_position_s_entry_in_order(scripted, tok
         (dict(loss_type="mse"), "loss_type='mse': a server gives log-probabilities, not logits"),
         (dict(hidden_loss_weight=1.0), "hidden_loss_weight=1.0: a server gives no hidden states"),
         (dict(teacher_cache="cache/"), "teacher_cache='cache/': train from one or the other"),
-        (dict(teacher_model_name_or_path="t"), "teacher_model_name_or_path='t': the served model is the teacher"),
         (dict(teacher_server_top_k=0), "teacher_server_top_k=0 must be a whole number >= 1"),
         (dict(teacher_server_url="localhost:8000"), "teacher_server_url='localhost:8000' must be an http"),
         (dict(teacher_server_url=None, use_vllm=True), "use_vllm=True generates the student's on-policy responses, "

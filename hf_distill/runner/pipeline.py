@@ -160,7 +160,11 @@ def train_recipe(recipe: RecipeArguments, config: DistillationConfig, teacher=No
 def setup_run(recipe: RecipeArguments, config: DistillationConfig, teacher=None, tokenizer=None) -> RecipeRun:
     """Check what can be checked before anything loads, then load the tokenizers, the teachers and the data."""
     if config.teacher_model_name_or_path is None and teacher is None:
-        raise ValueError("The recipe names no teacher: set teacher_model_name_or_path (used for evaluation too).")
+        raise ValueError("The recipe names no teacher: set teacher_model_name_or_path (used for evaluation too; with "
+                         "teacher_server_url, a local copy of the served model).")
+    if config.teacher_server_url is not None and recipe.stages:
+        raise ValueError(f"teacher_server_url={config.teacher_server_url!r} with stages: a chain's later stages are "
+                         "taught by its earlier students, not by the server; drop stages or the server.")
     if recipe.quantize != "none" and config.student_quantization != "none":
         raise ValueError(
             f"quantize={recipe.quantize!r} quantizes the trained student, but student_quantization="
@@ -217,8 +221,11 @@ def train_students(run: RecipeRun, callbacks=None) -> None:
     recipe, config, splits, tokenizer = run.recipe, run.config, run.splits, run.tokenizer
     run.student = build_student(recipe, run.teachers[0], calibration_batches(splits["train"], tokenizer, recipe))
     initial_student = copy.deepcopy(run.student) if recipe.baseline else None
+    served = config.teacher_server_url is not None
+    if served:  # the server teaches: its local copy leaves memory while the students train
+        run.teachers, run.reference = [], None
     # Pushed once, at the end, with the model card and evaluation table (not at every save).
-    trainer = _train(run.student, run.teachers, dataclasses.replace(config, push_to_hub=False), splits, tokenizer,
+    trainer = _train(run.student, run.teachers or None, dataclasses.replace(config, push_to_hub=False), splits, tokenizer,
                      callbacks, run.resume["distilled"], run.teacher_tokenizer)
     run.runs["distilled"] = (trainer.model, trainer, config.output_dir)
     if recipe.baseline:
@@ -227,9 +234,11 @@ def train_students(run: RecipeRun, callbacks=None) -> None:
             config, alpha=0.0, lmbda=0.0, seq_kd=False, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
             run_name=f"{config.run_name or 'run'}-baseline",
         )
-        baseline = _train(initial_student, run.teachers, baseline_config, splits, tokenizer, callbacks,
+        baseline = _train(initial_student, run.teachers or None, baseline_config, splits, tokenizer, callbacks,
                           run.resume["baseline"], run.teacher_tokenizer)
         run.runs["baseline (no teacher)"] = (baseline.model, baseline, baseline_config.output_dir)
+    if served:  # back for the students' agreement with the teacher
+        run.reference = load_teachers(recipe, config)[0]
 
 
 def evaluate_students(run: RecipeRun) -> None:
