@@ -86,24 +86,27 @@ class ForwardPasses:
         chunked_loss: whether to try the chunked loss.
         unwrap: drops DDP (and a DeepSpeed engine) around a model, for the trial forward.
         shared_vocabulary: `cross_tokenizer='align'`: (student ids, teacher ids) spelled alike.
+        projections: the student's hidden-state projections (to the teacher's hidden size), or None.
     """
 
-    def __init__(self, teachers, kind, layer_map=None, chunked_loss=True, unwrap=None, shared_vocabulary=None):
+    def __init__(self, teachers, kind, layer_map=None, chunked_loss=True, unwrap=None, shared_vocabulary=None,
+                 projections=None):
         self.teachers = teachers
         self.kind = kind
         self.layer_map = layer_map
         self.chunked_loss = chunked_loss
         self.unwrap = unwrap or (lambda model: model)
         self.shared_vocabulary = shared_vocabulary
+        self.projections = projections
         self.use_chunks: dict[str, bool] = {}  # decided per model on the first batch
 
-    def student(self, model, inputs, targets: BatchTargets, projections=None) -> tuple[Any, StudentOutput]:
+    def student(self, model, inputs, targets: BatchTargets) -> tuple[Any, StudentOutput]:
         select = targets.select
         chunked = self.chunking_works("student", model, inputs)
         outputs = self._forward(model, inputs, chunked)
         layers = self._layer_outputs(outputs, range(len(self.layer_map or [])), select, inputs.get("attention_mask"))
-        if projections is not None:
-            layers = [project(layer) for project, layer in zip(projections, layers)]
+        if self.projections is not None:
+            layers = [project(layer) for project, layer in zip(self.projections, layers)]
         if chunked:
             head = unwrap_model(model).get_output_embeddings()
             return outputs, StudentOutput(hidden=outputs.hidden_states[-1][select], head=head, layers=layers)

@@ -30,13 +30,14 @@ from .quantization import prepare_qat, quantize_in_place
 from .served import attach_rollouts, attach_server
 from .sharding import prepare_teacher
 from .teachers import (
-    PROJECTIONS,
     attach_projections,
     load_teachers,
-    name_or_path,
     peft_student,
+    projections,
     resolve_layer_map,
+    teacher_title,
     unique_names,
+    without_projections,
 )
 
 logger = logging.get_logger(__name__)
@@ -121,15 +122,10 @@ class DistillationTrainer(Trainer):
         self.teachers = [prepare_teacher(teacher, self.accelerator) for teacher in teachers]
         self.teacher_model = self.teachers[0] if self.teachers else None
         self.teacher_names = unique_names(teachers) if teachers else []  # short, for kd_loss/<name>
-        if teachers:
-            self.teacher_name = ", ".join(map(name_or_path, teachers))
-        elif self.server is not None:
-            self.teacher_name = f"{self.server.model} (served)"
-        else:
-            self.teacher_name = self.cache_info.get("teacher_name") or "cached teacher"
+        self.teacher_name = teacher_title(teachers, self.server, self.cache_info)
         self.loss_fn = DistillationLoss.from_config(args)
         self.forwards = ForwardPasses(self.teachers, kind, self.layer_map, args.chunked_loss,
-                                      self.accelerator.unwrap_model, setup.shared_vocabulary)
+                                      self.accelerator.unwrap_model, setup.shared_vocabulary, projections(model))
         self._use_chunks = self.forwards.use_chunks  # decided per model on the first batch
         gather = self.accelerator.gather if args.world_size > 1 else None
         self.loss_log = LossLog(self.teacher_names, bool(self.layer_map), args.device, gather)
@@ -180,8 +176,7 @@ class DistillationTrainer(Trainer):
         return batches, counts
 
     def _targets(self, inputs):
-        args = self.args
-        return batch_targets(inputs, self.task_kind, args.distill_all_tokens, args.cross_tokenizer)
+        return batch_targets(inputs, self.task_kind, self.args.distill_all_tokens, self.args.cross_tokenizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H over the target positions.
@@ -198,7 +193,7 @@ class DistillationTrainer(Trainer):
         positions = self.loss_fn.positions(targets.targets[select], targets.kd_mask[select], targets.ce_mask[select],
                                            counts[1], counts[0], targets.kd_everywhere)
 
-        outputs, student = self.forwards.student(model, inputs, targets, getattr(self.model, PROJECTIONS, None))
+        outputs, student = self.forwards.student(model, inputs, targets)
         teacher = self.forwards.teacher(inputs, targets) if self._needs_teacher(mode) else None
         with self.forwards.whole_heads(model, student, teacher):
             result = self.loss_fn(student, teacher, positions)
@@ -287,14 +282,8 @@ class DistillationTrainer(Trainer):
         """
         if _internal_call:
             return super().save_model(output_dir, _internal_call)
-        projections = getattr(self.model, PROJECTIONS, None)
-        if projections is not None:
-            delattr(self.model, PROJECTIONS)
-        try:
+        with without_projections(self.model):
             super().save_model(output_dir, _internal_call)
-        finally:
-            if projections is not None:
-                self.model.add_module(PROJECTIONS, projections)
         if self.args.student_quantization != "none" and self.args.should_save:
             quantize_in_place(output_dir or self.args.output_dir, self.args.student_quantization)
 
