@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from .data import TEACHER_PROMPT_COLUMN
+from .forward import BatchTargets
 from .loss.cross_tokenizer import aligned_response_masks, one_to_one_spans, shared_vocabulary
-from .modeling import CAUSAL, TEACHER_TOKEN_KEYS, output_size, target_positions
+from .modeling import CAUSAL, output_size, target_positions
 
 
 @dataclass
@@ -32,7 +33,8 @@ class CrossTokenizerCollator:
 
     With `align`, only response tokens covering exactly the same characters in both tokenizations stay targets of
     the KD term: `teacher_labels` keep the teacher's, and `aligned_labels` (the student's labels, -100 elsewhere)
-    the student's; the student's own `labels`, and so its CE term, are unchanged.
+    the student's; the student's own `labels`, and so its CE term, are unchanged. Each batch carries its paired
+    target masks (`paired_targets`), so the training step reads them instead of computing them.
     """
 
     collator: Any
@@ -113,21 +115,20 @@ class CrossTokenizerCollator:
             batch["aligned_labels"] = torch.tensor(
                 [aligned + [-100] * (width - len(aligned)) for _, _, aligned in rows], dtype=torch.long
             )
+        paired_targets(batch).into(batch)  # here, once, while the step before trains
         return batch
 
 
-def aligned_masks(inputs: dict[str, Any], student_mask: torch.Tensor, cross_tokenizer: str):
-    """`cross_tokenizer`: (student, teacher) masks of the response positions paired k-th with k-th."""
-    if "teacher_labels" not in inputs:
-        raise ValueError(
-            f"cross_tokenizer={cross_tokenizer!r} needs each batch in the teacher's tokens too "
-            f"({', '.join(TEACHER_TOKEN_KEYS)}); this batch has only {sorted(inputs)}. A custom data_collator "
-            "must keep the keys that hf_distill.cross_tokenizer.CrossTokenizerCollator adds."
-        )
-    if "aligned_labels" in inputs:  # 'align': only the tokens whose span lines up with a teacher token
-        student_mask = student_mask & target_positions(inputs["aligned_labels"], inputs.get("attention_mask"), CAUSAL)[2]
-    teacher_mask = target_positions(inputs["teacher_labels"], inputs["teacher_attention_mask"], CAUSAL)[2]
-    return aligned_response_masks(student_mask, teacher_mask)
+def paired_targets(batch: dict[str, Any]) -> BatchTargets:
+    """The student's targets, with the KD mask and the teacher's mask holding the response positions of both
+    tokenizations paired k-th with k-th (with 'align', only the tokens whose span lines up with a teacher token)."""
+    targets, ce_mask, response_mask = target_positions(batch["labels"], batch.get("attention_mask"), CAUSAL)
+    student_mask = response_mask
+    if "aligned_labels" in batch:
+        student_mask = student_mask & target_positions(batch["aligned_labels"], batch.get("attention_mask"), CAUSAL)[2]
+    teacher_mask = target_positions(batch["teacher_labels"], batch["teacher_attention_mask"], CAUSAL)[2]
+    kd_mask, teacher_mask = aligned_response_masks(student_mask, teacher_mask)
+    return BatchTargets(targets, ce_mask, kd_mask, teacher_mask, response_mask)
 
 
 def shared_vocabulary_ids(student_tokenizer, teacher_tokenizer, student, teacher):

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 from transformers.utils import logging
 
-from .cross_tokenizer import aligned_masks
 from .loss import (
     AlignedTeacher,
     CachedTeacher,
@@ -64,13 +63,17 @@ class BatchTargets:
 
 
 def batch_targets(inputs: dict[str, Any], kind, distill_all_tokens: bool = False, cross_tokenizer: str | None = None):
-    """The `BatchTargets` of a batch: the one the batch carries, or computed from its labels."""
+    """The `BatchTargets` of a batch: the one the batch carries (`cross_tokenizer`: always, from its collator), or
+    computed from its labels."""
     if BATCH_TARGET_KEYS[0] in inputs:
         return BatchTargets(*(inputs.get(key) for key in BATCH_TARGET_KEYS))
-    targets, ce_mask, kd_mask = target_positions(inputs["labels"], inputs.get("attention_mask"), kind, distill_all_tokens)
-    if not cross_tokenizer:
-        return BatchTargets(targets, ce_mask, kd_mask)
-    return BatchTargets(targets, ce_mask, *aligned_masks(inputs, kd_mask, cross_tokenizer), response_mask=kd_mask)
+    if cross_tokenizer:
+        raise ValueError(
+            f"cross_tokenizer={cross_tokenizer!r} needs each batch in the teacher's tokens too, with the positions of "
+            f"both paired; this batch has only {sorted(inputs)}. A custom data_collator must keep the keys that "
+            "hf_distill.cross_tokenizer.CrossTokenizerCollator adds."
+        )
+    return BatchTargets(*target_positions(inputs["labels"], inputs.get("attention_mask"), kind, distill_all_tokens))
 
 
 class ForwardPasses:

@@ -434,6 +434,9 @@ def test_trainer_refusals(tmp_path, student_tokenizer, teacher_tokenizer):
         build(teacher_processing_class=None)
     with pytest.raises(ValueError, match=r"needs both tokenizers: pass the student's tokenizer \(processing_class"):
         build(processing_class=None, data_collator=CausalLMCollator(0))
+    plain = CausalLMCollator(0)([dataset[i] for i in range(2)])  # no teacher tokens, no paired positions
+    with pytest.raises(ValueError, match=r"needs each batch in the teacher's tokens too, with the positions of both"):
+        build().compute_loss(student, plain)
 
 
     class Vocabulary:  # tokenizers that spell no token alike (a byte-level BPE and a SentencePiece, say)
