@@ -40,7 +40,8 @@ from transformers.utils import logging
 
 from .data import default_collator
 from .loss import top_k_entries
-from .modeling import CACHE_COLUMNS, CAUSAL, output_size, target_positions
+from .forward import target_positions
+from .modeling import CACHE_COLUMNS, CAUSAL, output_size
 from .served import TeacherServer, add_served_targets
 
 logger = logging.get_logger(__name__)

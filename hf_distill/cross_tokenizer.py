@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from .data import TEACHER_PROMPT_COLUMN
-from .forward import BatchTargets
+from .forward import BatchTargets, target_positions
 from .loss.cross_tokenizer import aligned_response_masks, one_to_one_spans, shared_vocabulary
-from .modeling import CAUSAL, output_size, target_positions
+from .modeling import CAUSAL, output_size
 
 
 @dataclass

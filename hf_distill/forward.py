@@ -1,5 +1,6 @@
-"""One micro-batch's target positions, and the student's and teachers' forward passes over them in the shapes
-the loss takes (`StudentOutput`, `TeacherOutput`)."""
+"""A batch's model inputs and target positions (the one definition, used by the trainer, the cache, the served
+teacher and evaluation), and the student's and teachers' forward passes over them in the shapes the loss takes
+(`StudentOutput`, `TeacherOutput`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers.utils import logging
 
 from .loss import (
@@ -19,18 +21,55 @@ from .loss import (
     TeacherLogits,
     TeacherOutput,
 )
-from .modeling import (
-    BATCH_TARGET_KEYS,
-    CAUSAL,
-    CLASSIFICATION,
-    SEQ2SEQ,
-    model_inputs,
-    target_positions,
-    unwrap_model,
-)
+from .modeling import CACHE_COLUMNS, CAUSAL, CLASSIFICATION, SEQ2SEQ, TEACHER_TOKEN_KEYS, TaskKind, unwrap_model
 from .sharding import head_is_shardable, whole_heads
 
 logger = logging.get_logger(__name__)
+
+# A micro-batch's targets and masks, computed once when the step's batches are fetched (`BatchTargets`).
+BATCH_TARGET_KEYS = ("distill_targets", "distill_ce_mask", "distill_kd_mask", "distill_teacher_mask", "distill_response_mask")
+# Batch keys that describe targets (labels, a cached teacher's entries, the teacher's tokens) rather than model inputs.
+TARGET_KEYS = ("labels", "num_items_in_batch", *CACHE_COLUMNS, *BATCH_TARGET_KEYS, *TEACHER_TOKEN_KEYS)
+
+
+# ---- a batch's inputs and targets -----------------------------------------------------------------
+
+
+def model_inputs(model, batch: dict[str, Any], kind: TaskKind, own_decoder_inputs: bool = False) -> dict[str, Any]:
+    """The forward arguments of `model`: the batch less its targets.
+
+    A seq2seq decoder starts from its own right-shifted labels when the batch has no `decoder_input_ids`,
+    or always with `own_decoder_inputs` (a teacher may use another decoder start token than the student).
+    """
+    inputs = {key: value for key, value in batch.items() if key not in TARGET_KEYS}
+    if kind == SEQ2SEQ and (own_decoder_inputs or "decoder_input_ids" not in inputs):
+        inputs["decoder_input_ids"] = unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    return inputs
+
+
+def target_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None, kind: TaskKind, distill_all_tokens: bool = False):
+    """(targets, CE mask, KD mask), each shaped like the model's output positions.
+
+    Causal: position t is trained on token t + 1, so labels are shifted left; the CE mask holds positions
+    whose next label is not -100, and the KD mask the same, or with `distill_all_tokens` every position
+    whose next token is real (non-padding) text, prompt included. Seq2seq: decoder positions align with
+    the labels. Classifiers: one position a row, distilled on every row; a row without a label (-100) is
+    distilled from the teacher alone, with no CE.
+    """
+    if kind == CLASSIFICATION:
+        return labels, labels != -100, torch.ones_like(labels, dtype=torch.bool)
+    if kind != CAUSAL:
+        ce_mask = labels != -100
+        return labels, ce_mask, ce_mask
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    ce_mask = targets != -100
+    if not distill_all_tokens:
+        return targets, ce_mask, ce_mask
+    if attention_mask is None:
+        attention_mask = torch.ones_like(labels)
+    next_is_text = F.pad(attention_mask[:, 1:], (0, 1), value=0).bool()
+    return targets, ce_mask, (attention_mask.bool() & next_is_text) | ce_mask
+
 
 @dataclass
 class BatchTargets:

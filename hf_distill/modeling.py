@@ -1,5 +1,4 @@
-"""Models: task kinds, loading, unwrapping, compatibility checks, students cut from a teacher,
-and the one definition of a batch's model inputs and target positions (used by the trainer, the cache and evaluation)."""
+"""Models: task kinds, loading, unwrapping, compatibility checks, and students cut from a teacher."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from transformers import (
     AutoConfig,
@@ -37,15 +35,11 @@ class TaskKind(str, Enum):
 
 
 CAUSAL, SEQ2SEQ, CLASSIFICATION = TaskKind.CAUSAL, TaskKind.SEQ2SEQ, TaskKind.CLASSIFICATION
-# Batch keys that describe targets (labels, a cached teacher's entries) rather than model inputs.
 # A teacher with another tokenizer gets its own tokenization of each row (`cross_tokenizer`); with 'align' the
 # student's labels kept for the KD term are `aligned_labels`.
 TEACHER_TOKEN_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "aligned_labels")
-# A micro-batch's targets and masks, computed once when the step's batches are fetched (`hf_distill.forward.BatchTargets`).
-BATCH_TARGET_KEYS = ("distill_targets", "distill_ce_mask", "distill_kd_mask", "distill_teacher_mask", "distill_response_mask")
 # A cached teacher's entries, as columns of the cache and keys of a batch (`hf_distill.cache`).
 CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs", "teacher_lse")
-TARGET_KEYS = ("labels", "num_items_in_batch", *CACHE_COLUMNS, *BATCH_TARGET_KEYS, *TEACHER_TOKEN_KEYS)
 _AUTO_CLASSES = {
     CAUSAL: AutoModelForCausalLM,
     SEQ2SEQ: AutoModelForSeq2SeqLM,
@@ -213,45 +207,6 @@ def check_tokenizers(student_tokenizer, teacher_tokenizer, shared_rows: int) -> 
             f"The tokenizers have {len(student_tokens)} tokens but the smaller model has only {shared_rows} output rows; "
             "resize its embeddings (model.resize_token_embeddings(len(tokenizer))) before distilling."
         )
-
-
-# ---- a batch's inputs and targets -----------------------------------------------------------------
-
-
-def model_inputs(model, batch: dict[str, Any], kind: TaskKind, own_decoder_inputs: bool = False) -> dict[str, Any]:
-    """The forward arguments of `model`: the batch less its targets.
-
-    A seq2seq decoder starts from its own right-shifted labels when the batch has no `decoder_input_ids`,
-    or always with `own_decoder_inputs` (a teacher may use another decoder start token than the student).
-    """
-    inputs = {key: value for key, value in batch.items() if key not in TARGET_KEYS}
-    if kind == SEQ2SEQ and (own_decoder_inputs or "decoder_input_ids" not in inputs):
-        inputs["decoder_input_ids"] = unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    return inputs
-
-
-def target_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None, kind: TaskKind, distill_all_tokens: bool = False):
-    """(targets, CE mask, KD mask), each shaped like the model's output positions.
-
-    Causal: position t is trained on token t + 1, so labels are shifted left; the CE mask holds positions
-    whose next label is not -100, and the KD mask the same, or with `distill_all_tokens` every position
-    whose next token is real (non-padding) text, prompt included. Seq2seq: decoder positions align with
-    the labels. Classifiers: one position a row, distilled on every row; a row without a label (-100) is
-    distilled from the teacher alone, with no CE.
-    """
-    if kind == CLASSIFICATION:
-        return labels, labels != -100, torch.ones_like(labels, dtype=torch.bool)
-    if kind != CAUSAL:
-        ce_mask = labels != -100
-        return labels, ce_mask, ce_mask
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    ce_mask = targets != -100
-    if not distill_all_tokens:
-        return targets, ce_mask, ce_mask
-    if attention_mask is None:
-        attention_mask = torch.ones_like(labels)
-    next_is_text = F.pad(attention_mask[:, 1:], (0, 1), value=0).bool()
-    return targets, ce_mask, (attention_mask.bool() & next_is_text) | ce_mask
 
 
 # ---- students cut from a teacher --------------------------------------------------------------------

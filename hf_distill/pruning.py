@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 from transformers.utils import logging
 
-from .modeling import layer_stack, model_inputs, model_kind, student_from_teacher
+from .forward import model_inputs
+from .modeling import layer_stack, model_kind, student_from_teacher
 
 logger = logging.get_logger(__name__)
 

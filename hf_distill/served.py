@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .modeling import CACHE_COLUMNS, CAUSAL, target_positions
+from .forward import target_positions
+from .modeling import CACHE_COLUMNS, CAUSAL
 
 # Compared with the student's tokenizer once at start: words, digits, spacing and punctuation of several kinds.
 TOKENIZER_PROBE = "Hello world! The 3 quick brown foxes jumped over 12 lazy dogs.\n  Ça va? naïve café — end."

@@ -21,10 +21,10 @@ from .checks import check_args, check_generation, check_quantized_student, check
 from .config import DistillationConfig
 from .cross_tokenizer import CrossTokenizerCollator
 from .data import TEACHER_PROMPT_COLUMN, check_train_dataset, default_collator
-from .forward import ForwardPasses, batch_targets
+from .forward import ForwardPasses, batch_targets, model_inputs
 from .loss import DistillationLoss
 from .model_card import distillation_info, distillation_model_card
-from .modeling import SEQ2SEQ, TEACHER_TOKEN_KEYS, load_model, model_inputs, model_kind, position_limit
+from .modeling import SEQ2SEQ, TEACHER_TOKEN_KEYS, load_model, model_kind, position_limit
 from .on_policy import StepResponses
 from .quantization import prepare_qat, quantize_in_place
 from .served import attach_rollouts, attach_server

@@ -22,7 +22,8 @@ from hf_distill.loss import (
     uld_distance,
 )
 from hf_distill.loss.cross_tokenizer import AlignedTeacher, aligned_blended_loss
-from hf_distill.modeling import CAUSAL, target_positions
+from hf_distill.forward import target_positions
+from hf_distill.modeling import CAUSAL
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
 from hf_distill.cross_tokenizer import shared_vocabulary_ids as _shared_vocabulary
 

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from ..data import default_collator
 from ..loss import cross_entropy_per_position
-from ..modeling import CAUSAL, CLASSIFICATION, model_inputs, model_kind, target_positions, unwrap_model
+from ..forward import model_inputs, target_positions
+from ..modeling import CAUSAL, CLASSIFICATION, model_kind, unwrap_model
 from .metrics import compute_metric, metric_columns
 from .recipe import model_columns
 from .tasks import prompt_ids
