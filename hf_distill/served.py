@@ -245,23 +245,39 @@ class RolloutServer(TeacherServer):
         return name
 
     def push_weights(self, student, folder: str) -> None:
-        """Send `student`'s weights (a `PreTrainedModel`, saved to `folder`) to the server."""
-        from .teachers import PROJECTIONS  # the hidden-state term's projections are not the served model's
-
-        weights = {name: value for name, value in student.state_dict().items() if not name.startswith(PROJECTIONS)}
-        student.save_pretrained(folder, state_dict=weights)
+        """Send `student`'s weights (a `PreTrainedModel`, or a PEFT model whose adapters are merged in) to the server,
+        saved to `folder`."""
+        model, weights = served_weights(student)
+        model.save_pretrained(folder, state_dict=weights)
         self.request("POST", "/collective_rpc",
                      {"method": "reload_weights", "kwargs": {"weights_path": os.path.abspath(folder)}})
         self.request("POST", "/reset_prefix_cache")
+
+
+def served_weights(student) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(the model to save, its weights) as the served model names them: a PEFT student's adapters merged into its
+    base weights (and unmerged again), the hidden-state term's projections left out."""
+    from .teachers import PROJECTIONS  # the projections are not the served model's
+
+    if not hasattr(student, "peft_config"):
+        return student, {name: value for name, value in student.state_dict().items() if not name.startswith(PROJECTIONS)}
+    weights = {}
+    student.merge_adapter()
+    try:
+        for name, value in student.state_dict().items():
+            if "lora_" in name or ".original_module." in name or PROJECTIONS in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            weights[name.replace(".modules_to_save.default.", ".")] = value.detach().clone()
+    finally:
+        student.unmerge_adapter()
+    return student.get_base_model(), weights
 
 
 def attach_rollouts(args, student, processing_class, synced: bool) -> RolloutServer | None:
     """The checked `RolloutServer` when `use_vllm` is set, else None."""
     if not args.use_vllm:
         return None
-    if hasattr(student, "peft_config"):
-        raise ValueError("use_vllm: a PEFT student's adapters are not sent to vLLM yet; merge them into the student "
-                         "first (merge_and_unload) or set use_vllm=False.")
     if synced:
         raise ValueError("use_vllm: a sharded student (FSDP, ZeRO-3) is not gathered for vLLM yet; use DDP or "
                          "set use_vllm=False.")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import DATA, FAST, REPO, causal_dataset, config, other_student, prompt_response_dataset, sharpen  # noqa: F401
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
 from hf_distill import DistillationTrainer
 from hf_distill.cache import build_cache
@@ -23,7 +24,14 @@ from hf_distill.data import default_collator
 from hf_distill.modeling import CAUSAL
 from hf_distill.runner.cli import main
 from hf_distill.runner.scratch import small_llama, train_bpe_tokenizer
-from hf_distill.served import LocalVLLMServer, RolloutServer, ServedTeacherCollator, ServerError, TeacherServer
+from hf_distill.served import (
+    LocalVLLMServer,
+    RolloutServer,
+    ServedTeacherCollator,
+    ServerError,
+    TeacherServer,
+    served_weights,
+)
 
 VLLM_PYTHON = os.environ.get("HF_DISTILL_VLLM_PYTHON", str(REPO / ".vllm-venv" / "bin" / "python"))
 NAME = "tiny-teacher"
@@ -411,3 +419,63 @@ def test_use_vllm_samples_the_current_student_on_the_server(served, tokenizer, t
                                                       "kwargs": {"weights_path": str(folder)}})
         rollouts.request("POST", "/reset_prefix_cache")
     assert all(np.isfinite(log["kd_loss"]) for log in trainer.state.log_history if "kd_loss" in log)
+
+
+def lora_student(tokenizer, seed=3):
+    """A LoRA student on the served architecture, its adapters (and the lm_head it saves whole) moved off zero."""
+    from peft import LoraConfig, get_peft_model
+
+    base = small_llama(len(tokenizer), hidden_size=128, num_layers=2, seed=seed, num_attention_heads=2,
+                       num_key_value_heads=2)
+    student = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    return student
+
+
+def test_a_peft_students_weights_are_sent_merged_and_its_adapters_kept(tokenizer, tmp_path):
+    student = lora_student(tokenizer).eval()
+    before = {name: value.clone() for name, value in student.state_dict().items()}
+    model, weights = served_weights(student)
+    names = sorted(weights)
+    model.save_pretrained(tmp_path / "sent", state_dict=weights)
+    sent = AutoModelForCausalLM.from_pretrained(tmp_path / "sent").eval()
+    assert sorted(sent.state_dict()) == names  # every weight of the plain model, named as it names them
+    row = torch.tensor([prompt_response_dataset(tokenizer, n=1)[0]["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(sent(row).logits, student(row).logits, rtol=0, atol=1e-5)
+        with student.disable_adapter():  # the adapters matter: without them the logits are others
+            assert (sent(row).logits - student(row).logits).abs().max() > 1e-2
+    for name, value in student.state_dict().items():  # unmerged again: training goes on from its own weights
+        torch.testing.assert_close(value, before[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_use_vllm_with_a_peft_student_serves_it_merged(served, tokenizer, tmp_path):
+    """The server computes with the PEFT student as it was when its weights were sent: adapters merged in."""
+    url, teacher, folder = served
+    student = lora_student(tokenizer)
+    prompts = prompt_response_dataset(tokenizer, n=4, max_length=24)
+    args = config(tmp_path, lmbda=1.0, alpha=1.0, use_vllm=True, vllm_server_base_url=url, max_new_tokens=4,
+                  max_steps=1, learning_rate=1e-2, per_device_train_batch_size=4)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts,
+                                  processing_class=tokenizer)
+    row = prompt_response_dataset(tokenizer, n=1)[0]["input_ids"]
+    expected = []
+    push = trainer.responses.rollouts.push_weights
+    trainer.responses.rollouts.push_weights = lambda model, path: (
+        expected.append(local_top_k(model.eval(), row, TOP_K)), model.train(), push(model, path))
+    rollouts = RolloutServer(url, NAME, top_k=TOP_K, retries=1)
+    try:
+        trainer.train()
+        assert len(expected) == 1
+        ids, logprobs = rollouts.top_k_logprobs([row])[0]
+        np.testing.assert_allclose(logprobs, expected[0].values.numpy(), atol=2e-4)
+        assert (ids == expected[0].indices.numpy()).mean() > 0.95
+        assert np.abs(logprobs - local_top_k(teacher, row, TOP_K).values.numpy()).max() > 0.1
+    finally:
+        rollouts.request("POST", "/collective_rpc", {"method": "reload_weights",
+                                                      "kwargs": {"weights_path": str(folder)}})
+        rollouts.request("POST", "/reset_prefix_cache")
