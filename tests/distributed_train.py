@@ -118,6 +118,8 @@ def main(out_dir: str, per_device_batch: int, mode: str = "ddp", grad_accum: int
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    if torch.distributed.is_initialized():  # gloo's threads left running at exit can abort the process
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
