@@ -182,11 +182,13 @@ class StepResponses:
         server: a served teacher (`TeacherServer`), which writes the `seq_kd` responses and scores generated rows.
         rollouts: the student's vLLM server (`RolloutServer`, `use_vllm`), which writes the on-policy responses
             after being sent the student's weights (every `vllm_sync_interval` steps).
+        gather_weights: for a sharded student, gathers its whole weights (every process takes part; the main one
+            gets them), e.g. `accelerator.get_state_dict`.
     """
 
     def __init__(self, args, tokenizer, seq2seq: bool = False, max_positions: int | None = None, synced: bool = False,
-                 server=None, rollouts=None):
-        self.server, self.rollouts = server, rollouts
+                 server=None, rollouts=None, gather_weights=None):
+        self.server, self.rollouts, self.gather_weights = server, rollouts, gather_weights
         self.synced_at: int | None = None  # the step whose weights the rollout server holds
         self.args = args
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
@@ -218,8 +220,10 @@ class StepResponses:
         from accelerate import PartialState
 
         state = PartialState()
-        if state.is_main_process:  # DDP: every process holds the same weights; one sends them
-            self.rollouts.push_weights(student, self.args.vllm_weights_dir)
+        # DDP: every process holds the same weights and one sends them; sharded, all gather them first.
+        weights = self.gather_weights() if self.synced and self.gather_weights is not None else None
+        if state.is_main_process:
+            self.rollouts.push_weights(student, self.args.vllm_weights_dir, weights)
         state.wait_for_everyone()
         self.synced_at = step
 

@@ -244,23 +244,25 @@ class RolloutServer(TeacherServer):
             ) from None
         return name
 
-    def push_weights(self, student, folder: str) -> None:
+    def push_weights(self, student, folder: str, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Send `student`'s weights (a `PreTrainedModel`, or a PEFT model whose adapters are merged in) to the server,
-        saved to `folder`."""
-        model, weights = served_weights(student)
+        saved to `folder`; `weights`: a sharded student's, gathered whole."""
+        model, weights = served_weights(student, weights)
         model.save_pretrained(folder, state_dict=weights)
         self.request("POST", "/collective_rpc",
                      {"method": "reload_weights", "kwargs": {"weights_path": os.path.abspath(folder)}})
         self.request("POST", "/reset_prefix_cache")
 
 
-def served_weights(student) -> tuple[Any, dict[str, torch.Tensor]]:
+def served_weights(student, weights: dict[str, torch.Tensor] | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
     """(the model to save, its weights) as the served model names them: a PEFT student's adapters merged into its
-    base weights (and unmerged again), the hidden-state term's projections left out."""
+    base weights (and unmerged again), the hidden-state term's projections left out. `weights`: the student's
+    whole weights when they were gathered from shards."""
     from .teachers import PROJECTIONS  # the projections are not the served model's
 
     if not hasattr(student, "peft_config"):
-        return student, {name: value for name, value in student.state_dict().items() if not name.startswith(PROJECTIONS)}
+        weights = student.state_dict() if weights is None else weights
+        return student, {name: value for name, value in weights.items() if not name.startswith(PROJECTIONS)}
     weights = {}
     student.merge_adapter()
     try:
@@ -278,9 +280,9 @@ def attach_rollouts(args, student, processing_class, synced: bool) -> RolloutSer
     """The checked `RolloutServer` when `use_vllm` is set, else None."""
     if not args.use_vllm:
         return None
-    if synced:
-        raise ValueError("use_vllm: a sharded student (FSDP, ZeRO-3) is not gathered for vLLM yet; use DDP or "
-                         "set use_vllm=False.")
+    if synced and hasattr(student, "peft_config"):
+        raise ValueError("use_vllm: a sharded PEFT student's adapters are not merged for vLLM; train it with DDP, "
+                         "merge them first (merge_and_unload) or set use_vllm=False.")
     server = RolloutServer.from_config(args)
     server.check(processing_class)
     return server

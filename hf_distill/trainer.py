@@ -134,6 +134,7 @@ class DistillationTrainer(Trainer):
         self.responses = StepResponses(
             args, processing_class, seq2seq=kind == SEQ2SEQ, max_positions=min(limits, default=None), synced=synced,
             server=self.server, rollouts=attach_rollouts(args, self.model, processing_class, synced),
+            gather_weights=lambda: self.accelerator.get_state_dict(self.model),
         )
         self.add_callback(StopOnNonFiniteLoss(self.loss_log))
 

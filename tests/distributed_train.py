@@ -13,6 +13,10 @@ sharded parameters, the teacher's placement) is the code a GPU run takes.
 `fsdp2_on_policy` trains every step on the sharded student's own samples (lmbda=1). Positions are few (48), so each
 rank's room to generate depends on its longest prompt: ranks run different numbers of forwards unless generation
 keeps them in step. Each rank records the length of every generation (`generated`).
+
+`fsdp2_vllm` is `fsdp2_on_policy` with `use_vllm`: the samples come from the vLLM server at $HF_DISTILL_TEST_VLLM_URL,
+which serves the model in $HF_DISTILL_TEST_VLLM_MODEL_DIR (its tokenizer and architecture are the student's here), and
+the sharded student's weights are gathered whole to be sent to it.
 """
 
 import os
@@ -22,7 +26,7 @@ import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -68,6 +72,15 @@ def ragged_prompts(dataset):
     return dataset.map(cut, with_indices=True)
 
 
+def served_models():
+    """(tokenizer, teacher, student) for `fsdp2_vllm`: the served model's tokenizer and weights, a student of its shape."""
+    folder = os.environ["HF_DISTILL_TEST_VLLM_MODEL_DIR"]
+    tokenizer, teacher = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    student = small_llama(len(tokenizer), hidden_size=128, num_layers=2, seed=3, num_attention_heads=2,
+                          num_key_value_heads=2)
+    return tokenizer, teacher, student
+
+
 def main(out_dir: str, per_device_batch: int, mode: str = "ddp", grad_accum: int = 1, hidden_weight: float = 0.0):
     tokenizer = train_bpe_tokenizer(english_lines(200), vocab_size=300)
     on_policy = mode == "fsdp2_on_policy"
@@ -76,6 +89,10 @@ def main(out_dir: str, per_device_batch: int, mode: str = "ddp", grad_accum: int
     student = small_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=1, **positions)
     fsdp2 = {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}}
     sharded = fsdp2 if mode.startswith("fsdp2") else {}
+    if mode == "fsdp2_vllm":
+        tokenizer, teacher, student = served_models()
+        sharded.update(lmbda=1.0, max_new_tokens=6, use_vllm=True, vllm_sync_interval=1,
+                       vllm_server_base_url=os.environ["HF_DISTILL_TEST_VLLM_URL"])
     if on_policy:
         sharded.update(lmbda=1.0, max_new_tokens=64)
         generated, generate = [], student.generate
@@ -90,7 +107,8 @@ def main(out_dir: str, per_device_batch: int, mode: str = "ddp", grad_accum: int
         output_dir=out_dir, report_to=[], save_strategy="steps", save_steps=2, save_only_model=True, disable_tqdm=True, use_cpu=True, seed=0,
         per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=grad_accum, max_steps=2,
         optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0,
-        train_sampling_strategy="sequential", dataloader_pin_memory=False, alpha=1.0 if on_policy else 0.5, temperature=2.0,
+        train_sampling_strategy="sequential", dataloader_pin_memory=False, alpha=1.0 if "lmbda" in sharded else 0.5,
+        temperature=2.0,
         logging_steps=1, hidden_loss_weight=hidden_weight, **sharded,
     )
     if mode.startswith("fsdp2") and args.world_size > 1:

@@ -7,6 +7,8 @@ The server is started once for the module on a tiny Llama saved from a config. v
 
 import json
 import os
+import socket
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -475,6 +477,39 @@ def test_use_vllm_with_a_peft_student_serves_it_merged(served, tokenizer, tmp_pa
         np.testing.assert_allclose(logprobs, expected[0].values.numpy(), atol=2e-4)
         assert (ids == expected[0].indices.numpy()).mean() > 0.95
         assert np.abs(logprobs - local_top_k(teacher, row, TOP_K).values.numpy()).max() > 0.1
+    finally:
+        rollouts.request("POST", "/collective_rpc", {"method": "reload_weights",
+                                                      "kwargs": {"weights_path": str(folder)}})
+        rollouts.request("POST", "/reset_prefix_cache")
+
+
+def test_use_vllm_gathers_a_sharded_student_whole_for_the_server(served, tokenizer, tmp_path):
+    """FSDP2 on 2 processes (gloo): every process takes part in gathering the student's shards, the main one sends
+    them, and the server then computes with the whole trained weights."""
+    url, teacher, folder = served
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DISTILL_TEST_VLLM_URL": url,
+           "HF_DISTILL_TEST_VLLM_MODEL_DIR": str(folder)}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rollouts = RolloutServer(url, NAME, top_k=TOP_K, retries=1)
+    row = prompt_response_dataset(tokenizer, n=1)[0]["input_ids"]
+    try:
+        subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                        str(REPO / "tests" / "distributed_train.py"), str(tmp_path), "2", "fsdp2_vllm"],
+                       check=True, env=env, timeout=600)
+        rank0 = torch.load(tmp_path / "rank0.pt")
+        assert rank0["fsdp"] and rank0["world_size"] == 2
+        assert all(np.isfinite(log["kd_loss"]) for log in rank0["logs"] if "kd_loss" in log)
+        # The folder holds the weights sent last (before step 2): whole (they load at the model's shapes) and trained.
+        sent = AutoModelForCausalLM.from_pretrained(tmp_path / "vllm-weights").eval()
+        start = small_llama(len(tokenizer), hidden_size=128, num_layers=2, seed=3, num_attention_heads=2,
+                            num_key_value_heads=2).state_dict()
+        assert max((value - start[name]).abs().max().item() for name, value in sent.state_dict().items()) > 1e-3
+        ids, logprobs = rollouts.top_k_logprobs([row])[0]
+        values, indices = local_top_k(sent, row, TOP_K)
+        np.testing.assert_allclose(logprobs, values.numpy(), atol=2e-4)
+        assert (ids == indices.numpy()).mean() > 0.95
     finally:
         rollouts.request("POST", "/collective_rpc", {"method": "reload_weights",
                                                       "kwargs": {"weights_path": str(folder)}})
