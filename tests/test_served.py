@@ -207,6 +207,28 @@ def test_a_recipe_trains_from_the_server_and_its_local_copy_makes_and_scores(ser
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_recipe_samples_its_student_through_vllm(served, tmp_path, capsys):
+    """`hf-distill train --use_vllm`: the distilled student's on-policy samples come from the server (started on the
+    student's own starting weights); its no-teacher baseline trains on the data alone."""
+    url, _, folder = served
+    out = tmp_path / "run"
+    try:
+        assert main([
+            "train", str(REPO / "recipes" / "translation_causal.yaml"), "--teacher_model_name_or_path", str(folder),
+            "--teacher_model_init_kwargs", "{}", "--student_model_name_or_path", str(folder), "--dataset_name", DATA,
+            "--max_train_samples", "32", "--max_length", "48", "--lmbda", "1", "--max_new_tokens", "4",
+            "--use_vllm", "true", "--vllm_server_base_url", url, "--output_dir", str(out), *FAST,
+        ]) == 0, capsys.readouterr().err
+        assert (out / "vllm-weights" / "model.safetensors").exists()  # the student was sent before its on-policy steps
+        assert not (out / "_baseline" / "vllm-weights").exists()
+        history = json.loads((out / "report.json").read_text())["histories"]
+        assert any("kd_loss" in log for log in history["distilled"])
+    finally:
+        rollouts = RolloutServer(url, NAME, top_k=TOP_K, retries=1)
+        rollouts.request("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
+        rollouts.request("POST", "/reset_prefix_cache")
+
+
 # ---- faults, from a stand-in server whose answers are scripted ------------------------------------------------
 
 

@@ -231,7 +231,8 @@ def train_students(run: RecipeRun, callbacks=None) -> None:
     if recipe.baseline:
         baseline_config = dataclasses.replace(
             # No teacher, so nothing to score the student's own samples either: the baseline trains on the data only.
-            config, alpha=0.0, lmbda=0.0, seq_kd=False, output_dir=os.path.join(config.output_dir, "_baseline"), push_to_hub=False,
+            config, alpha=0.0, lmbda=0.0, seq_kd=False, use_vllm=False, push_to_hub=False,
+            output_dir=os.path.join(config.output_dir, "_baseline"),
             run_name=f"{config.run_name or 'run'}-baseline",
         )
         baseline = _train(initial_student, run.teachers or None, baseline_config, splits, tokenizer, callbacks,
