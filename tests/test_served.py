@@ -417,8 +417,8 @@ def test_use_vllm_samples_the_current_student_on_the_server(served, tokenizer, t
                                   processing_class=tokenizer)
     pushes = []  # (folder, the weights sent)
     push = trainer.responses.rollouts.push_weights
-    trainer.responses.rollouts.push_weights = lambda model, path: (
-        pushes.append((path, {k: v.clone() for k, v in model.state_dict().items()})), push(model, path))
+    trainer.responses.rollouts.push_weights = lambda model, path, weights=None: (
+        pushes.append((path, {k: v.clone() for k, v in model.state_dict().items()})), push(model, path, weights))
     seen = spy_batches(trainer)
     rollouts = RolloutServer(url, NAME, top_k=TOP_K, retries=1)
     row = prompt_response_dataset(tokenizer, n=1)[0]["input_ids"]
@@ -489,8 +489,8 @@ def test_use_vllm_with_a_peft_student_serves_it_merged(served, tokenizer, tmp_pa
     row = prompt_response_dataset(tokenizer, n=1)[0]["input_ids"]
     expected = []
     push = trainer.responses.rollouts.push_weights
-    trainer.responses.rollouts.push_weights = lambda model, path: (
-        expected.append(local_top_k(model.eval(), row, TOP_K)), model.train(), push(model, path))
+    trainer.responses.rollouts.push_weights = lambda model, path, weights=None: (
+        expected.append(local_top_k(model.eval(), row, TOP_K)), model.train(), push(model, path, weights))
     rollouts = RolloutServer(url, NAME, top_k=TOP_K, retries=1)
     try:
         trainer.train()
