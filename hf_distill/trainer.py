@@ -220,9 +220,8 @@ class DistillationTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """`Trainer.train`, which never overwrites an earlier run and resumes only from a complete checkpoint.
 
-        Without `resume_from_checkpoint`, an `output_dir` holding checkpoints or a saved run is refused.
-        `resume_from_checkpoint=True` takes the newest checkpoint whose `trainer_state.json` (written last) is
-        whole, so a kill while a checkpoint was being saved falls back to the one before it.
+        Without `resume_from_checkpoint`, an `output_dir` holding checkpoints or a saved run is refused; `True` takes
+        the newest checkpoint whose `trainer_state.json` (written last) is whole, so a kill mid-save falls back.
         """
         checkpoint = resolve_resume(self.args.output_dir, resume_from_checkpoint)
         self._resumed_state = state = read_distill_state(checkpoint)

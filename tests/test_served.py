@@ -200,7 +200,7 @@ def test_a_recipe_trains_from_the_server_and_its_local_copy_makes_and_scores(ser
     assert all("agreement" in row for row in report["rows"][1:])
     assert any("kd_loss" in log for log in report["histories"]["distilled"])
     assert f"{NAME} (served)" in (out / "README.md").read_text()
-    # Without a hidden-state term off, the recipe is refused in one line before anything loads.
+    # With the recipe's hidden-state term left on, it is refused in one line before anything loads.
     assert main(["train", str(REPO / "recipes" / "lm_from_teacher.yaml"), "--teacher_model_name_or_path", str(folder),
                  "--teacher_server_url", url, "--output_dir", str(tmp_path / "refused")]) == 2
     assert "a server gives no hidden states; set hidden_loss_weight=0" in capsys.readouterr().err
