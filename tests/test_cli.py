@@ -399,6 +399,8 @@ def test_lm_from_teacher_recipe(tmp_path, deep_teacher_dir, capsys):
     assert "perplexity" in rows["distilled"] and "bleu" not in rows["distilled"]  # plain text: perplexity is the metric
     history = report["histories"]["distilled"]
     assert any("hidden_loss" in log for log in history)  # the recipe's hidden-state term is on
+    baseline = report["histories"]["baseline (no teacher)"]  # ... and off for the baseline, which never sees the teacher
+    assert any("loss" in log for log in baseline) and not any("hidden_loss" in log or "kd_loss" in log for log in baseline)
     assert (out / "_baseline").is_dir()
     assert "block influence" in (out / "README.md").read_text()
     student = AutoModelForCausalLM.from_pretrained(out)
