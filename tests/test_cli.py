@@ -401,6 +401,8 @@ def test_lm_from_teacher_recipe(tmp_path, deep_teacher_dir, capsys):
     assert any("hidden_loss" in log for log in history)  # the recipe's hidden-state term is on
     baseline = report["histories"]["baseline (no teacher)"]  # ... and off for the baseline, which never sees the teacher
     assert any("loss" in log for log in baseline) and not any("hidden_loss" in log or "kd_loss" in log for log in baseline)
+    rates = [[log["learning_rate"] for log in h if "learning_rate" in log] for h in (history, baseline)]
+    assert rates[1][0] == pytest.approx(rates[0][0] / 2)  # the recipe's baseline_learning_rate: 1e-3 against 2e-3
     assert (out / "_baseline").is_dir()
     assert "block influence" in (out / "README.md").read_text()
     student = AutoModelForCausalLM.from_pretrained(out)

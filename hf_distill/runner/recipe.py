@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -106,6 +107,8 @@ class RecipeArguments:
             Rows whose response would keep fewer tokens after truncation are dropped (counted).
         baseline (`bool`, defaults to `False`):
             Also train the same student for the same steps without a teacher (alpha=0) and compare.
+        baseline_learning_rate (`float`, *optional*):
+            The baseline's learning rate, where it trains best at another than the distilled run's (None: the same).
         eval_max_new_tokens (`int`, defaults to `64`):
             Generation length for translation metrics (on-policy training has its own `max_new_tokens`).
         num_samples (`int`, defaults to `5`):
@@ -221,6 +224,11 @@ class RecipeArguments:
         default=False,
         metadata={"help": "Also train the same student for the same steps without a teacher (alpha=0) and compare."},
     )
+    baseline_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "The baseline's learning rate, where it trains best at another than the distilled run's "
+                  "(None: the same). A fair comparison gives each run its best rate."},
+    )
     eval_max_new_tokens: int = field(
         default=64,
         metadata={"help": "Generation length for translation metrics (on-policy training has its own max_new_tokens)."},
@@ -266,6 +274,9 @@ class RecipeArguments:
         if self.dataset_name is None and self.data_files is None:
             raise ValueError("Give the data: dataset_name (Hub id, save_to_disk folder or file) or data_files.")
         check_scheme("quantize", self.quantize)
+        rate = self.baseline_learning_rate
+        if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+            raise ValueError(f"baseline_learning_rate={rate!r} must be a number > 0 (or leave it unset: the distilled run's).")
         for metric in self.metrics or []:  # refused now, not after training
             if metric not in METRIC_NAMES and not os.path.exists(metric):
                 raise ValueError(
