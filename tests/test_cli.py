@@ -348,6 +348,11 @@ def test_demo_quick(tmp_path, capsys):
     assert (out / "student" / "report.md").exists() and (out / "student" / "README.md").exists()
     assert (out / "demo_recipe.yaml").exists()
     before = (out / "student" / "report.md").read_text()
+    ppl = {row["model"]: row["perplexity"] for row in json.loads((out / "student" / "report.json").read_text())["rows"]}
+    assert ppl["teacher"] < ppl["baseline (no teacher)"]  # the demo's teacher is trained: there is a gap to close
+    share = (ppl["baseline (no teacher)"] - ppl["distilled"]) / (ppl["baseline (no teacher)"] - ppl["teacher"])
+    assert f"closes {100 * share:.0f}% on perplexity" in printed and f"closes {100 * share:.0f}% on perplexity" in before
+    assert f"{100 * share:.0f}% on perplexity" in (out / "student" / "README.md").read_text()  # the model card
     assert main(["demo", "--quick", "--output_dir", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (out / "student" / "report.md").read_text() == before
@@ -401,6 +406,11 @@ def test_lm_from_teacher_recipe(tmp_path, deep_teacher_dir, capsys):
     assert any("hidden_loss" in log for log in history)  # the recipe's hidden-state term is on
     baseline = report["histories"]["baseline (no teacher)"]  # ... and off for the baseline, which never sees the teacher
     assert any("loss" in log for log in baseline) and not any("hidden_loss" in log or "kd_loss" in log for log in baseline)
+    ppl = {name: rows[name]["perplexity"] for name in ("teacher", "distilled", "baseline (no teacher)")}
+    gap = ppl["baseline (no teacher)"] - ppl["teacher"]  # the share of it the student closes, where there is one
+    expected = {"perplexity": (ppl["baseline (no teacher)"] - ppl["distilled"]) / gap} if gap > 0 else {}
+    assert report["gap_closed"] == pytest.approx(expected)
+    assert ("Gap closed: the distilled student closes" in printed) == bool(expected)
     rates = [[log["learning_rate"] for log in h if "learning_rate" in log] for h in (history, baseline)]
     assert rates[1][0] == pytest.approx(rates[0][0] / 2)  # the recipe's baseline_learning_rate: 1e-3 against 2e-3
     assert (out / "_baseline").is_dir()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from hf_distill.model_card import distillation_model_card
-from hf_distill.runner.report import _curves, comparison_table, format_value, write_report
+from hf_distill.runner.report import _curves, comparison_table, format_value, gap_closed, results_table, write_report
 
 
 def model_card(info, table=None):
@@ -60,6 +60,23 @@ def test_table_formats_numbers_and_missing_values():
     assert teacher["agreement"] == "–"  # key absent
     assert baseline["eval_loss"] == "–"  # value None
     assert baseline["perplexity"] == "–"
+
+
+def test_gap_closed_per_metric_in_the_right_direction():
+    rows = [{"model": "teacher", "perplexity": 50.0, "accuracy": 0.9, "bleu": 10.0, "chrf": 30.0},
+            {"model": "distilled", "perplexity": 80.0, "accuracy": 0.8, "bleu": 12.0, "chrf": float("nan")},
+            {"model": "baseline (no teacher)", "perplexity": 100.0, "accuracy": 0.7, "bleu": 14.0, "chrf": 20.0}]
+    closed = gap_closed(rows)
+    # perplexity: (100 − 80) / (100 − 50); accuracy: (0.8 − 0.7) / (0.9 − 0.7); BLEU: the baseline beats the teacher,
+    # so there is no gap; chrF: the student's score is missing.
+    assert closed == {"perplexity": pytest.approx(0.4), "accuracy": pytest.approx(0.5)}
+    table = results_table(rows)
+    assert table.startswith(comparison_table(rows))
+    assert "closes 40% on perplexity, 50% on accuracy of the gap" in table
+    worse = [dict(rows[0]), dict(rows[1], perplexity=120.0), rows[2]]
+    assert gap_closed(worse)["perplexity"] == pytest.approx(-0.4)  # below the baseline: negative
+    assert gap_closed(rows[:2]) == {} and results_table(rows[:2]) == comparison_table(rows[:2])  # no baseline row
+    assert gap_closed([dict(rows[0], model="teacher (own tokenizer)"), *rows[1:]]) == {}
 
 
 def test_format_value():

@@ -25,7 +25,7 @@ from ..quantization import folder_bytes, save_quantized
 from ..served import TeacherServer
 from .evaluation import evaluate_model, layer_count
 from .recipe import STAGE_RECIPE_FIELDS, RecipeArguments, build_student, builder_for, model_columns, prepare_splits
-from .report import comparison_table, write_report
+from .report import BASELINE_ROW, DISTILLED_ROW, TEACHER_ROW, comparison_table, results_table, write_report
 from .tasks import tokenize_causal
 
 logger = logging.get_logger(__name__)
@@ -227,7 +227,7 @@ def train_students(run: RecipeRun, callbacks=None) -> None:
     # Pushed once, at the end, with the model card and evaluation table (not at every save).
     trainer = _train(run.student, run.teachers or None, dataclasses.replace(config, push_to_hub=False), splits, tokenizer,
                      callbacks, run.resume["distilled"], run.teacher_tokenizer)
-    run.runs["distilled"] = (trainer.model, trainer, config.output_dir)
+    run.runs[DISTILLED_ROW] = (trainer.model, trainer, config.output_dir)
     if recipe.baseline:
         baseline_config = dataclasses.replace(
             # No teacher in any term (nor to score the student's own samples): the baseline trains on the data only.
@@ -238,7 +238,7 @@ def train_students(run: RecipeRun, callbacks=None) -> None:
         )
         baseline = _train(initial_student, run.teachers or None, baseline_config, splits, tokenizer, callbacks,
                           run.resume["baseline"], run.teacher_tokenizer)
-        run.runs["baseline (no teacher)"] = (baseline.model, baseline, baseline_config.output_dir)
+        run.runs[BASELINE_ROW] = (baseline.model, baseline, baseline_config.output_dir)
     if served:  # back for the students' agreement with the teacher
         run.reference = load_teachers(recipe, config)[0]
 
@@ -258,7 +258,7 @@ def evaluate_students(run: RecipeRun) -> None:
 def write_run_report(run: RecipeRun):
     """The comparison table, the report files and samples.json in `output_dir`; returns (table, report paths)."""
     recipe, config, splits = run.recipe, run.config, run.splits
-    table = comparison_table(run.rows)
+    table = results_table(run.rows)
     histories = {name: trainer.state.log_history for name, (_, trainer, _) in run.runs.items()}
     paths = write_report(run.rows, histories, config.output_dir, title=f"Distillation report: {recipe.task}",
                          student=describe_student(run.student))
@@ -304,7 +304,7 @@ def _as_list(value) -> list:
 
 def _teacher_row_names(teachers) -> list[str]:
     if len(teachers) == 1:
-        return ["teacher"]
+        return [TEACHER_ROW]
     return [f"teacher {i + 1}: {getattr(t.config, '_name_or_path', '') or type(t).__name__}" for i, t in enumerate(teachers)]
 
 
