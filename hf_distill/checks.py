@@ -56,9 +56,9 @@ def check_generation(args: DistillationConfig, kind, processing_class) -> None:
             f"{setting}: the tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token to pad "
             "generated responses with; set tokenizer.pad_token."
         )
-    if args.lmbda and args.alpha < 1:
+    if args.lmbda and min(args.alpha, 1.0 if args.alpha_end is None else args.alpha_end) < 1:
         logger.warning(
-            f"lmbda={args.lmbda} with alpha={args.alpha}: on on-policy steps the CE term trains the student toward its "
+            f"lmbda={args.lmbda} with alpha={args.alpha} (alpha_end={args.alpha_end}): on on-policy steps the CE term trains the student toward its "
             "own samples; GKD distills them with alpha=1."
         )
 
@@ -112,7 +112,7 @@ def check_quantized_student(args: DistillationConfig, peft_config) -> None:
 
 def check_some_labels(args: DistillationConfig, train_dataset, kind: str) -> None:
     """A classifier trained on labels alone (alpha=0) needs some labeled rows; unlabeled ones are for the teacher."""
-    if kind != CLASSIFICATION or args.alpha != 0 or not hasattr(train_dataset, "column_names"):
+    if kind != CLASSIFICATION or args.distills or not hasattr(train_dataset, "column_names"):
         return
     if labeled_rows(train_dataset, CLASSIFICATION) == 0:
         raise ValueError(

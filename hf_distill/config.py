@@ -61,6 +61,15 @@ class DistillationConfig(TrainingArguments):
             "student's own loss (the teacher is not run in training), 1 is pure distillation."
         },
     )
+    alpha_end: float | None = field(
+        default=None,
+        metadata={
+            "help": "With a value in [0, 1], alpha moves linearly from `alpha` at the first optimizer step to "
+            "`alpha_end` at the last, and is logged as `alpha`; None keeps alpha constant. 0.8 → 0.2 leans on the "
+            "teacher first and on the data last (KD stopped early helps small students: Cho & Hariharan, 2019); "
+            "0 → 0.5 warms the KD term up."
+        },
+    )
     temperature: float = field(
         default=1.0,
         metadata={"help": "Softmax temperature T > 0 for both models in the KD term; KL-type losses are scaled by T²."},
@@ -298,6 +307,9 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"alpha={self.alpha!r} must lie in [0, 1]: loss = alpha·KD + (1 − alpha)·CE (0 = no teacher, 1 = pure KD)."
             )
+        end = self.alpha_end
+        if end is not None and (isinstance(end, bool) or not isinstance(end, (int, float)) or not 0.0 <= end <= 1.0):
+            raise ValueError(f"alpha_end={end!r} must be a number in [0, 1] (where alpha ends), or None to keep alpha constant.")
         if not (math.isfinite(self.hidden_loss_weight) and self.hidden_loss_weight >= 0):
             raise ValueError(f"hidden_loss_weight={self.hidden_loss_weight!r} must be a finite number >= 0 (0 turns it off).")
         if self.hidden_loss_type not in HIDDEN_LOSS_TYPES:
@@ -314,6 +326,18 @@ class DistillationConfig(TrainingArguments):
         self._check_vllm()
         check_scheme("student_quantization", self.student_quantization)
         super().__post_init__()
+
+    @property
+    def distills(self) -> bool:
+        """Whether the KD term has weight at any step (alpha, or where a schedule takes it)."""
+        return self.alpha > 0 or bool(self.alpha_end)
+
+    def alpha_at(self, step: int, total_steps: int) -> float:
+        """The KD weight at optimizer step `step` (0-based) of `total_steps`: alpha, or along its line to alpha_end."""
+        if self.alpha_end is None:
+            return self.alpha
+        progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+        return self.alpha + (self.alpha_end - self.alpha) * progress
 
     def _check_on_policy(self) -> None:
         if not 0.0 <= self.lmbda <= 1.0:

@@ -191,6 +191,7 @@ class DistillationTrainer(Trainer):
         accumulated = torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2
         counts = num_items_in_batch if accumulated else targets.counts()
         select = targets.select
+        self.loss_fn.alpha = self.args.alpha_at(self.state.global_step, self.state.max_steps)
         positions = self.loss_fn.positions(targets.targets[select], targets.kd_mask[select], targets.ce_mask[select],
                                            counts[1], counts[0], targets.kd_everywhere)
 
@@ -212,7 +213,7 @@ class DistillationTrainer(Trainer):
 
     def _needs_teacher(self, mode: str) -> bool:
         """Training with alpha = 0 and no hidden-state term never runs the teacher; evaluation always reports KD."""
-        wanted = self.args.alpha > 0 or self.args.hidden_loss_weight > 0 or mode == "eval"
+        wanted = self.args.distills or self.args.hidden_loss_weight > 0 or mode == "eval"
         return wanted and (bool(self.teachers) or self.cache_info is not None or self.server is not None)
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -270,6 +271,8 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.loss_log.add_to(logs, self.state.global_step)  # the one place the sums are read and reduced
+        if self.args.alpha_end is not None and "loss" in logs:  # the weight of the step just trained
+            logs["alpha"] = round(self.args.alpha_at(self.state.global_step - 1, self.state.max_steps), 6)
         super().log(logs, start_time)
 
     # ---- export -------------------------------------------------------------------------------------

@@ -212,6 +212,8 @@ ROWS = [
         "`alpha` in [0, 1]"),
     Row("alpha-not-a-number", "`alpha=[0.5]` (a list)", setting(alpha=[0.5]), TypeError, r"alpha=\[0\.5\]",
         r"must be a number, for instance alpha=0\.5", "one number"),
+    Row("alpha-end-above-one", "`alpha_end=2`", setting(alpha_end=2.0), ValueError, r"alpha_end=2\.0",
+        r"a number in \[0, 1\] \(where alpha ends\), or None", "`alpha_end` in [0, 1], or none"),
     Row("temperature-zero", "`temperature=0`", setting(temperature=0.0), ValueError, r"temperature=0\.0",
         r"finite number > 0", "`temperature` > 0"),
     Row("temperature-nan", "`temperature=nan`", setting(temperature=NAN), ValueError, r"temperature=nan",

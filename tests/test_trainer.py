@@ -132,6 +132,30 @@ def test_alpha_zero_does_not_run_teacher(tmp_path, causal_pair, causal_dataset, 
     assert calls and "eval_kd_loss" in metrics
 
 
+def test_alpha_schedule_moves_the_blend_step_by_step(tmp_path, causal_pair, causal_dataset, tokenizer):
+    teacher, student = causal_pair
+    trainer = make_trainer(tmp_path, teacher, student, causal_dataset, tokenizer, alpha=1.0, alpha_end=0.0, max_steps=5)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "kd_loss" in log]
+    assert [log["alpha"] for log in logs] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    for log in logs:  # each step's loss is its own blend of the two logged terms
+        blend = log["alpha"] * log["kd_loss"] + (1 - log["alpha"]) * log["ce_loss"]
+        assert log["loss"] == pytest.approx(blend, rel=2e-3, abs=2e-3)
+    trainer.create_model_card()
+    assert "**Alpha:** 1.0 → 0.0, linearly over the steps" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+
+
+def test_alpha_zero_warming_up_runs_the_teacher(tmp_path, causal_pair, causal_dataset, tokenizer):
+    teacher, student = causal_pair
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    trainer = make_trainer(tmp_path, teacher, student, causal_dataset, tokenizer, alpha=0.0, alpha_end=0.5, max_steps=2)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert calls and [log["alpha"] for log in logs] == pytest.approx([0.0, 0.5])
+    assert logs[0]["loss"] == pytest.approx(logs[0]["ce_loss"], rel=2e-3)  # step 1 at alpha 0: the CE alone
+
+
 def test_seq2seq_distillation(tmp_path, tokenizer):
     teacher = sharpen(tiny_t5(len(tokenizer), 64, 2, seed=0), 5.0)
     student = tiny_t5(len(tokenizer), 32, 1, seed=1)
