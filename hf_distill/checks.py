@@ -58,8 +58,8 @@ def check_generation(args: DistillationConfig, kind, processing_class) -> None:
         )
     if args.lmbda and min(args.alpha, 1.0 if args.alpha_end is None else args.alpha_end) < 1:
         logger.warning(
-            f"lmbda={args.lmbda} with alpha={args.alpha} (alpha_end={args.alpha_end}): on on-policy steps the CE term trains the student toward its "
-            "own samples; GKD distills them with alpha=1."
+            f"lmbda={args.lmbda} with alpha={args.alpha} (alpha_end={args.alpha_end}): on on-policy steps the CE term "
+            "trains the student toward its own samples; GKD distills them with alpha=1."
         )
 
 

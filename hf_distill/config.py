@@ -309,7 +309,9 @@ class DistillationConfig(TrainingArguments):
             )
         end = self.alpha_end
         if end is not None and (isinstance(end, bool) or not isinstance(end, (int, float)) or not 0.0 <= end <= 1.0):
-            raise ValueError(f"alpha_end={end!r} must be a number in [0, 1] (where alpha ends), or None to keep alpha constant.")
+            raise ValueError(
+                f"alpha_end={end!r} must be a number in [0, 1] (where alpha ends), or None to keep alpha constant."
+            )
         if not (math.isfinite(self.hidden_loss_weight) and self.hidden_loss_weight >= 0):
             raise ValueError(f"hidden_loss_weight={self.hidden_loss_weight!r} must be a finite number >= 0 (0 turns it off).")
         if self.hidden_loss_type not in HIDDEN_LOSS_TYPES:
