@@ -19,8 +19,9 @@ Student: 10 of the teacher's 30 layers, pruned from the regime's teacher by bloc
   recipe's baseline_learning_rate (its own best, 1e-3; --set twin:learning_rate=... overrides);
 - `recipe`: the settings of recipes/lm_from_teacher.yaml, read from the file (what a user gets);
 - any other name: the recipe's settings with --set ARM:KEY=VALUE on top.
-Training: STEPS optimizer steps of 8 blocks (60 x 8 x 128 by default: under one epoch of every domain; longer runs
-start another epoch, where the twin may overfit, which is why it is compared at its best point), seed per run
+Training: STEPS optimizer steps of 8 blocks (the recipe's max_steps by default, 120 x 8 x 128; 60 steps stay under
+one epoch of every domain, longer runs may start another, where the twin overfits, which is why it is compared at
+its best point), seed per run
 (data order and init follow the seed, identical across arms of one seed). Held-out perplexity (64 blocks) is
 measured every tenth of the run. Reported per domain and regime: teacher / twin / arm perplexity, gap closed =
 (twin - arm) / (twin - teacher) with the twin at its BEST point of the run, and steps-to-baseline = the fraction of
@@ -77,7 +78,8 @@ def parse_args():
     parser.add_argument("--regimes", default="shipped,in_domain")
     parser.add_argument("--arms", default="twin,recipe")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=yaml.safe_load(RECIPE.read_text())["max_steps"],
+                        help="optimizer steps of each run (default: the recipe's max_steps)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--heldout-blocks", type=int, default=64)
