@@ -57,11 +57,15 @@ HELD_OUT_FRACTION = 0.12
 CURVE_POINTS = 10
 
 
+def recipe_file() -> dict:
+    return yaml.safe_load(RECIPE.read_text())
+
+
 def recipe_settings() -> dict:
     """The DistillationConfig fields that recipes/lm_from_teacher.yaml sets (not output, logging or data fields)."""
     from hf_distill import DistillationConfig
 
-    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe = recipe_file()
     names = {f.name for f in dataclasses.fields(DistillationConfig)}
     skip = {"output_dir", "teacher_model_name_or_path", "logging_steps", "save_strategy", "eval_strategy", "report_to", "seed", "max_steps",
             "per_device_train_batch_size"}
@@ -78,7 +82,7 @@ def parse_args():
     parser.add_argument("--regimes", default="shipped,in_domain")
     parser.add_argument("--arms", default="twin,recipe")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--steps", type=int, default=yaml.safe_load(RECIPE.read_text())["max_steps"],
+    parser.add_argument("--steps", type=int, default=recipe_file()["max_steps"],
                         help="optimizer steps of each run (default: the recipe's max_steps)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -96,7 +100,7 @@ def arm_settings(name: str, overrides: list[str]) -> dict:
     settings = recipe_settings()
     if name == "twin":
         # Its own best learning rate, as the recipe's baseline trains: 1e-3 beat 2e-3 on all three domains (RESULTS §10).
-        rate = yaml.safe_load(RECIPE.read_text()).get("baseline_learning_rate") or settings["learning_rate"]
+        rate = recipe_file().get("baseline_learning_rate") or settings["learning_rate"]
         settings.update(alpha=0.0, hidden_loss_weight=0.0, learning_rate=rate)
     for item in overrides:
         arm, _, assignment = item.partition(":")

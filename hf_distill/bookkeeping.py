@@ -141,4 +141,4 @@ class StopOnNonFiniteLoss(TrainerCallback):
         self.loss_log = loss_log
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.loss_log.raise_if_not_finite(args.alpha, state.global_step)
+        self.loss_log.raise_if_not_finite(args.alpha_at(state.global_step, state.max_steps), state.global_step)

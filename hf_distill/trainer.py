@@ -29,16 +29,8 @@ from .on_policy import StepResponses
 from .quantization import prepare_qat, quantize_in_place
 from .served import attach_rollouts, attach_server
 from .sharding import prepare_teacher
-from .teachers import (
-    attach_projections,
-    load_teachers,
-    peft_student,
-    projections,
-    resolve_layer_map,
-    teacher_title,
-    unique_names,
-    without_projections,
-)
+from .teachers import (attach_projections, load_teachers, peft_student, projections, resolve_layer_map, teacher_title,
+                       unique_names, without_projections)
 
 logger = logging.get_logger(__name__)
 
@@ -205,7 +197,7 @@ class DistillationTrainer(Trainer):
         if targets.response_mask is not None:  # cross_tokenizer: the share of response positions paired
             self.loss_log.record_aligned(mode, targets.kd_mask, targets.response_mask)
         if mode == "eval" or self.is_deepspeed_enabled:  # no optimizer-step check comes first (DeepSpeed steps in backward)
-            self.loss_log.raise_if_not_finite(self.args.alpha, self.state.global_step)
+            self.loss_log.raise_if_not_finite(self.loss_fn.alpha, self.state.global_step)
         loss = result.loss
         if accumulated and mode == "train" and self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the counts are global already
