@@ -66,13 +66,10 @@ def _forward_kl(z, y, scale, ce_weights):
     """
     q, log_norm_q = _softmax_and_log_norm(z)
     p, log_norm_p = _softmax_and_log_norm(y)
-    difference = torch.sub(y, z)
+    # Where the teacher's logit is −inf, p = 0 and the term is 0; clamping the −inf difference keeps 0 · (−inf) from
+    # making the dot NaN, with no host read of "any NaN?" (a sync on a GPU, a graph break under torch.compile).
+    difference = torch.sub(y, z).clamp_min_(torch.finfo(y.dtype).min)
     value = torch.bmm(p.unsqueeze(1), difference.unsqueeze(2)).view(-1) - (log_norm_p - log_norm_q).view(-1)
-    bad = value.isnan()
-    if bad.any():  # p = 0 where the teacher's logit is −inf: 0 · (−inf) is NaN in the dot, 0 in the divergence
-        rows = bad.nonzero().squeeze(-1)
-        log_p, log_q = y[rows] - log_norm_p[rows], z[rows] - log_norm_q[rows]
-        value[rows] = _kl_terms_(p[rows], log_p.sub_(log_q)).sum(-1)
     del difference
     grad = None
     if scale is not None:
