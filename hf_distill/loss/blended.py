@@ -240,7 +240,8 @@ def blended_loss_and_grad(student_logits, teacher, positions: PositionTargets, s
     kd_weights = torch.where(positions.kd_mask, _on(positions.kd_scale * scale, device), 0.0).to(device, torch.float32)
     ce_rows = positions.ce_mask & (positions.targets != -100)
     ce_weights = torch.where(ce_rows, _on(positions.ce_scale, device), 0.0).to(device, torch.float32)
-    rows_left_out = not positions.kd_everywhere and want_kd and not bool(positions.kd_mask.all())
+    # Not read from kd_mask (a host sync): where some rows may be left out, the chunk math masks them.
+    rows_left_out = want_kd and not positions.kd_everywhere
     compiled = settings.compile and teacher is not None and not isinstance(teacher, CachedTeacher)
     function = compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad
     raw_kd_sum, ce_sum, grad = function(
