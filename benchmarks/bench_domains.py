@@ -24,9 +24,9 @@ one epoch of every domain, longer runs may start another, where the twin overfit
 its best point), seed per run
 (data order and init follow the seed, identical across arms of one seed). Held-out perplexity (64 blocks) is
 measured every tenth of the run. Reported per domain and regime: teacher / twin / arm perplexity, gap closed =
-(twin - arm) / (twin - teacher) with the twin at its BEST point of the run, and steps-to-baseline = the fraction of
-the steps after which the arm's held-out perplexity first reaches the twin's best (log-linear between points;
-"> 1" if never). Rows append to benchmarks/results/domains.jsonl; --table prints medians over seeds [min, max].
+(twin - arm) / (twin - teacher) with the twin at its BEST point of the run (n/a where that is below the teacher),
+and steps-to-baseline = the fraction of the steps after which the arm's held-out perplexity first reaches the
+twin's best (log-linear between points; "> 1" if never). Rows append to benchmarks/results/domains.jsonl; --table prints medians over seeds [min, max].
 """
 
 from __future__ import annotations
@@ -260,12 +260,16 @@ def print_table(rows):
         best = min(p for _, p in twin["curve"])
         groups.setdefault((r["domain"], r["regime"], r["arm"], r["steps"]), []).append({
             "teacher": r["teacher_ppl"], "twin": best, "ppl": r["ppl"],
-            "closed": 100 * (best - r["ppl"]) / (best - r["teacher_ppl"]), "to_base": steps_to(r["curve"], best),
+            # No gap to close where the twin ends below the teacher (a teacher far from the text, a long budget)
+            "closed": 100 * (best - r["ppl"]) / (best - r["teacher_ppl"]) if best > r["teacher_ppl"] else math.nan,
+            "to_base": steps_to(r["curve"], best),
             "wins": r["ppl"] < best, "seed": r["seed"],
         })
 
     def spread(values, fmt):
-        values = sorted(values)
+        values = sorted(v for v in values if not math.isnan(v))
+        if not values:
+            return "n/a (twin < teacher)"
         text = fmt(statistics.median(values))
         return text if len(values) == 1 else f"{text} [{fmt(values[0])}, {fmt(values[-1])}]"
 
