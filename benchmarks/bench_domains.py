@@ -26,7 +26,8 @@ its best point), seed per run
 measured every tenth of the run. Reported per domain and regime: teacher / twin / arm perplexity, gap closed =
 (twin - arm) / (twin - teacher) with the twin at its BEST point of the run (n/a where that is below the teacher),
 and steps-to-baseline = the fraction of the steps after which the arm's held-out perplexity first reaches the
-twin's best (log-linear between points; "> 1" if never). Rows append to benchmarks/results/domains.jsonl; --table prints medians over seeds [min, max].
+twin's best (log-linear between points; "> 1" if never). Rows append to benchmarks/results/domains.jsonl;
+--table prints medians over seeds [min, max].
 """
 
 from __future__ import annotations
