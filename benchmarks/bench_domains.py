@@ -268,11 +268,12 @@ def print_table(rows):
         })
 
     def spread(values, fmt):
-        values = sorted(v for v in values if not math.isnan(v))
-        if not values:
+        kept = sorted(v for v in values if not math.isnan(v))
+        if not kept:
             return "n/a (twin < teacher)"
-        text = fmt(statistics.median(values))
-        return text if len(values) == 1 else f"{text} [{fmt(values[0])}, {fmt(values[-1])}]"
+        text = fmt(statistics.median(kept))
+        text = text if len(kept) == 1 else f"{text} [{fmt(kept[0])}, {fmt(kept[-1])}]"
+        return text if len(kept) == len(values) else f"{text} (n/a in {len(values) - len(kept)} of {len(values)} seeds)"
 
     number = lambda v: "never" if math.isinf(v) else f"{v:.2f}"  # noqa: E731
     print("| domain | regime | arm | steps | seeds | teacher ppl | twin ppl (best) | arm ppl | gap closed | "
