@@ -102,7 +102,7 @@ def arm_settings(name: str, overrides: list[str]) -> dict:
     if name == "twin":
         # Its own best learning rate, as the recipe's baseline trains: 1e-3 beat 2e-3 on all three domains (RESULTS §10).
         rate = recipe_file().get("baseline_learning_rate") or settings["learning_rate"]
-        settings.update(alpha=0.0, hidden_loss_weight=0.0, learning_rate=rate)
+        settings.update(alpha=0.0, hidden_loss_weight=0.0, attention_loss_weight=0.0, learning_rate=rate)
     for item in overrides:
         arm, _, assignment = item.partition(":")
         key, _, value = assignment.partition("=")

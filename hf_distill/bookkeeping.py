@@ -1,4 +1,4 @@
-"""The sums behind the logged terms (`kd_loss`, `ce_loss`, `hidden_loss`, `kd_loss/<teacher>`, `aligned_fraction`,
+"""The sums behind the logged terms (`kd_loss`, `ce_loss`, `hidden_loss`, `attention_loss`, `kd_loss/<teacher>`, `aligned_fraction`,
 `on_policy_fraction`): added up on the device every micro-batch, read and reduced across processes only when logged,
 so the training step never waits on the host or on the other processes for them."""
 
@@ -13,21 +13,25 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 MODES = ("train", "eval")
+TERMS = ("kd", "ce", "hidden", "attention", "n_kd", "n_ce")  # the running sums, before each teacher's Σ KD
 
 
 class LossLog:
-    """Running sums per mode: (Σ KD, Σ CE, Σ hidden, KD count, CE count, each teacher's Σ KD with several).
+    """Running sums per mode: (Σ KD, Σ CE, Σ hidden, Σ attention, KD count, CE count, each teacher's Σ KD with
+    several).
 
     Args:
         teacher_names: the teachers' short names (their own `kd_loss/<name>` lines with more than one).
         hidden: whether the hidden-state term is on (`hidden_loss` is logged).
+        attention: whether the attention-relation term is on (`attention_loss` is logged).
         device: where the sums live.
         gather: `accelerator.gather` when several processes train, else None.
     """
 
-    def __init__(self, teacher_names: list[str], hidden: bool, device, gather=None):
+    def __init__(self, teacher_names: list[str], hidden: bool, device, gather=None, attention: bool = False):
         self.member_names = teacher_names if len(teacher_names) > 1 else []
         self.hidden = hidden
+        self.attention = attention
         self.device = device
         self.gather = gather
         self.sums = {mode: None for mode in MODES}
@@ -38,29 +42,35 @@ class LossLog:
 
     def record(self, mode: str, result, n_kd, n_ce, counts: torch.Tensor) -> None:
         """Add one micro-batch's sums (`counts`: the (CE, KD) counts it was normalized by, to spot empty batches)."""
-        values = [result.kd_sum, result.ce_sum, result.hidden_sum, n_kd, n_ce]
+        values = [result.kd_sum, result.ce_sum, result.hidden_sum, result.attention_sum, n_kd, n_ce]
         values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in values])
-        if self.member_names:  # each teacher's own divergence, after the five sums
+        if self.member_names:  # each teacher's own divergence, after the TERMS
             members = result.member_kd_sums
             members = torch.zeros(len(self.member_names), device=self.device) if members is None else members.float()
             values = torch.cat([values, members.to(self.device)])
         self._add(self.sums, mode, values)
-        # Kept apart per optimizer step for `raise_if_not_finite`: (loss, Σ KD, Σ hidden).
-        step = torch.stack([result.loss.detach(), result.kd_sum, result.hidden_sum]).to(self.device, torch.float32)
+        # Kept apart per optimizer step for `raise_if_not_finite`: (loss, Σ KD, Σ hidden, Σ attention).
+        step = [result.loss.detach(), result.kd_sum, result.hidden_sum, result.attention_sum]
+        step = torch.stack(step).to(self.device, torch.float32)
         self.step_sums = step if self.step_sums is None else self.step_sums + step
         self._add(self.skipped, mode, (counts.sum() == 0).to(self.device, torch.float32))
 
     def raise_if_not_finite(self, alpha: float, step: int) -> None:
-        """Stop before a non-finite loss is applied, naming the term that overflowed (one read of three numbers)."""
+        """Stop before a non-finite loss is applied, naming the term that overflowed (one read of four numbers)."""
         if self.step_sums is None:
             return
-        loss, kd_sum, hidden_sum = self.step_sums.tolist()
+        loss, kd_sum, hidden_sum, attention_sum = self.step_sums.tolist()
         self.step_sums = None
         if math.isfinite(loss):
             return
-        term = "the distillation term (kd_loss)" if not math.isfinite(kd_sum) and alpha > 0 else (
-            "the hidden-state term (hidden_loss)" if not math.isfinite(hidden_sum) else "the student's CE loss"
-        )
+        if not math.isfinite(kd_sum) and alpha > 0:
+            term = "the distillation term (kd_loss)"
+        elif not math.isfinite(hidden_sum):
+            term = "the hidden-state term (hidden_loss)"
+        elif not math.isfinite(attention_sum):
+            term = "the attention-relation term (attention_loss)"
+        else:
+            term = "the student's CE loss"
         raise FloatingPointError(
             f"The loss is {loss} at step {step}: {term} is not finite. Causes: a teacher in float16 overflowing (load "
             "it with teacher_model_init_kwargs={'dtype': 'bfloat16'} or float32), a learning rate too high for the "
@@ -82,7 +92,7 @@ class LossLog:
         """The sums over every process (a collective: every process calls it at once)."""
         values = self.sums[mode]
         if values is None:
-            values = torch.zeros(5 + len(self.member_names), device=self.device)
+            values = torch.zeros(len(TERMS) + len(self.member_names), device=self.device)
         if self.gather is not None:
             values = self.gather(values[None]).sum(0)
         return values
@@ -91,13 +101,15 @@ class LossLog:
         """Write the means since the last log into `logs` and start the sums again."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        kd_sum, ce_sum, hidden_sum, n_kd, n_ce, *member_sums = self.totals(mode).tolist()
+        kd_sum, ce_sum, hidden_sum, attention_sum, n_kd, n_ce, *member_sums = self.totals(mode).tolist()
         if n_kd > 0:
             logs[f"{prefix}kd_loss"] = round(kd_sum / n_kd, 6)
             for name, member_sum in zip(self.member_names, member_sums):
                 logs[f"{prefix}kd_loss/{name}"] = round(member_sum / n_kd, 6)
             if self.hidden:
                 logs[f"{prefix}hidden_loss"] = round(hidden_sum / n_kd, 6)
+            if self.attention:
+                logs[f"{prefix}attention_loss"] = round(attention_sum / n_kd, 6)
         if n_ce > 0:
             logs[f"{prefix}ce_loss"] = round(ce_sum / n_ce, 6)
         self.sums[mode] = None
@@ -130,6 +142,8 @@ class LossLog:
     def load_state_dict(self, state: dict, is_main_process: bool) -> None:
         """Restore a checkpoint's sums: on the main process only, since they already cover every process."""
         for mode, values in state["metric_sums"].items():
+            if values is not None and len(values) == len(TERMS) - 1 + len(self.member_names):
+                values = [*values[:3], 0.0, *values[3:]]  # a checkpoint from before the attention-relation term
             self.sums[mode] = None if values is None or not is_main_process else torch.tensor(values, device=self.device)
         self.on_policy_steps = list(state.get("on_policy_steps", [0, 0]))
 

@@ -70,11 +70,12 @@ def check_several_teachers(args, n_teachers: int) -> None:
             f"cross_tokenizer={args.cross_tokenizer!r} distills from one teacher, but {n_teachers} are given: pass one "
             "teacher_model."
         )
-    if args.hidden_loss_weight:
-        raise ValueError(
-            f"hidden_loss_weight={args.hidden_loss_weight} matches one teacher's layers, but {n_teachers} teachers are "
-            "given: distill hidden states from one teacher, or set hidden_loss_weight=0 with several."
-        )
+    for name in ("hidden_loss_weight", "attention_loss_weight"):
+        if getattr(args, name):
+            raise ValueError(
+                f"{name}={getattr(args, name)} matches one teacher's layers, but {n_teachers} teachers are given: "
+                f"distill layers from one teacher, or set {name}=0 with several."
+            )
     if args.teacher_cache is not None:
         raise ValueError("teacher_cache holds one teacher's targets; with several teachers leave teacher_cache unset.")
     if args.seq_kd:

@@ -144,10 +144,23 @@ class DistillationConfig(TrainingArguments):
             "choices": list(HIDDEN_LOSS_TYPES),
         },
     )
+    attention_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the attention-relation term (MiniLM v2): loss += weight · A, where A averages, over the "
+            "student's layers, their query–query, key–key and value–value relations and the distilled positions, the "
+            "KL divergence from the relations of the teacher layer each is mapped to (layer_map). A relation is the "
+            "softmax over a row's earlier positions of scaled dot products, split into heads (the greatest common "
+            "divisor of the models' key/value head counts), so the models' widths may differ. Needs a live teacher "
+            "and causal LMs whose blocks have self_attn.q_proj/k_proj/v_proj (Llama, Mistral, Qwen, Gemma). "
+            "0 turns it off."
+        },
+    )
     layer_map: list[int] | None = field(
         default=None,
         metadata={
-            "help": "For each student layer, the index of the teacher layer whose output it learns to match. None: a "
+            "help": "For each student layer, the index of the teacher layer whose output (and attention relations) it "
+            "learns to match. None: a "
             "student cut or pruned from the teacher maps each layer to the one it came from (recorded in its config "
             "as distill_source_layers); other students spread their layers uniformly over the teacher's."
         },
@@ -292,8 +305,8 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         # A YAML list or string here would otherwise fail deep inside a comparison or the optimizer.
-        for name in ("alpha", "temperature", "beta", "skew", "hidden_loss_weight", "learning_rate", "lmbda",
-                     "generation_temperature"):
+        for name in ("alpha", "temperature", "beta", "skew", "hidden_loss_weight", "attention_loss_weight",
+                     "learning_rate", "lmbda", "generation_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 default = self.__dataclass_fields__[name].default
@@ -312,8 +325,10 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"alpha_end={end!r} must be a number in [0, 1] (where alpha ends), or None to keep alpha constant."
             )
-        if not (math.isfinite(self.hidden_loss_weight) and self.hidden_loss_weight >= 0):
-            raise ValueError(f"hidden_loss_weight={self.hidden_loss_weight!r} must be a finite number >= 0 (0 turns it off).")
+        for name in ("hidden_loss_weight", "attention_loss_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0 (0 turns it off).")
         if self.hidden_loss_type not in HIDDEN_LOSS_TYPES:
             raise ValueError(f"hidden_loss_type={self.hidden_loss_type!r}; choose one of {', '.join(HIDDEN_LOSS_TYPES)}.")
         if isinstance(self.layer_map, str):  # from a command line: "0,3,6" or "[0, 3, 6]"
@@ -333,6 +348,11 @@ class DistillationConfig(TrainingArguments):
     def distills(self) -> bool:
         """Whether the KD term has weight at any step (alpha, or where a schedule takes it)."""
         return self.alpha > 0 or bool(self.alpha_end)
+
+    @property
+    def matches_layers(self) -> bool:
+        """Whether a layer term (hidden states or attention relations) is on."""
+        return self.hidden_loss_weight > 0 or self.attention_loss_weight > 0
 
     def alpha_at(self, step: int, total_steps: int) -> float:
         """The KD weight at optimizer step `step` (0-based) of `total_steps`: alpha, or along its line to alpha_end."""
@@ -391,6 +411,8 @@ class DistillationConfig(TrainingArguments):
              "tokenizer's positions; drop teacher_cache"),
             (bool(self.hidden_loss_weight), f"hidden_loss_weight={self.hidden_loss_weight}", "hidden states of two "
              "tokenizations do not line up; set hidden_loss_weight=0"),
+            (bool(self.attention_loss_weight), f"attention_loss_weight={self.attention_loss_weight}", "attention "
+             "relations of two tokenizations do not line up; set attention_loss_weight=0"),
             (isinstance(self.teacher_model_name_or_path, list), f"{len(self.teacher_model_name_or_path or [])} "
              "teachers", "distill from one teacher"),
             (self.lmbda > 0, f"lmbda={self.lmbda}", "generated responses have no teacher tokenization; set lmbda=0"),
@@ -422,6 +444,8 @@ class DistillationConfig(TrainingArguments):
              "a server gives log-probabilities, not logits; choose a probability loss like forward_kl"),
             (bool(self.hidden_loss_weight), f"hidden_loss_weight={self.hidden_loss_weight}",
              "a server gives no hidden states; set hidden_loss_weight=0"),
+            (bool(self.attention_loss_weight), f"attention_loss_weight={self.attention_loss_weight}",
+             "a server gives no attention states; set attention_loss_weight=0"),
             (self.cross_tokenizer is not None, f"cross_tokenizer={self.cross_tokenizer!r}",
              "serve a teacher with the student's tokenizer"),
         ]

@@ -5,6 +5,7 @@ teacher and evaluation), and the student's and teachers' forward passes over the
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +16,23 @@ from transformers.utils import logging
 
 from .loss import (
     AlignedTeacher,
+    AttentionStates,
     CachedTeacher,
     StudentOutput,
     TeacherHidden,
     TeacherLogits,
     TeacherOutput,
 )
-from .modeling import CACHE_COLUMNS, CAUSAL, CLASSIFICATION, SEQ2SEQ, TEACHER_TOKEN_KEYS, TaskKind, unwrap_model
+from .modeling import (
+    CACHE_COLUMNS,
+    CAUSAL,
+    CLASSIFICATION,
+    SEQ2SEQ,
+    TEACHER_TOKEN_KEYS,
+    TaskKind,
+    attention_projections,
+    unwrap_model,
+)
 from .sharding import head_is_shardable, whole_heads
 
 logger = logging.get_logger(__name__)
@@ -124,18 +135,22 @@ class ForwardPasses:
     Args:
         teachers: the live teachers ([] with a cached teacher).
         kind: the task kind.
-        layer_map: the teacher layer of each student layer for the hidden-state term, or None.
+        layer_map: the teacher layer of each student layer for the layer terms, or None.
         chunked_loss: whether to try the chunked loss.
         unwrap: drops DDP (and a DeepSpeed engine) around a model, for the trial forward.
         shared_vocabulary: `cross_tokenizer='align'`: (student ids, teacher ids) spelled alike.
         projections: the student's hidden-state projections (to the teacher's hidden size), or None.
+        hidden_states: whether the mapped layers' outputs are kept (the hidden-state term).
+        relation_heads: the attention-relation term's heads, or None (the term is off).
     """
 
     def __init__(self, teachers, kind, layer_map=None, chunked_loss=True, unwrap=None, shared_vocabulary=None,
-                 projections=None):
+                 projections=None, hidden_states=True, relation_heads=None):
         self.teachers = teachers
         self.kind = kind
         self.layer_map = layer_map
+        self.hidden_layers = layer_map if layer_map and hidden_states else None
+        self.relation_heads = relation_heads if layer_map else None
         self.chunked_loss = chunked_loss
         self.unwrap = unwrap or (lambda model: model)
         self.shared_vocabulary = shared_vocabulary
@@ -145,14 +160,17 @@ class ForwardPasses:
     def student(self, model, inputs, targets: BatchTargets) -> tuple[Any, StudentOutput]:
         select = targets.select
         chunked = self.chunking_works("student", model, inputs)
-        outputs = self._forward(model, inputs, chunked)
-        layers = self._layer_outputs(outputs, range(len(self.layer_map or [])), select, inputs.get("attention_mask"))
+        own_layers = range(len(self.layer_map or []))
+        with self._relations(model, own_layers, inputs, targets) as attention:
+            outputs = self._forward(model, inputs, chunked)
+        layers = self._layer_outputs(outputs, own_layers if self.hidden_layers else [], select, inputs.get("attention_mask"))
         if self.projections is not None:
             layers = [project(layer) for project, layer in zip(self.projections, layers)]
         if chunked:
             head = unwrap_model(model).get_output_embeddings()
-            return outputs, StudentOutput(hidden=outputs.hidden_states[-1][select], head=head, layers=layers)
-        return outputs, StudentOutput(logits=outputs.logits[select], layers=layers)
+            return outputs, StudentOutput(hidden=outputs.hidden_states[-1][select], head=head, layers=layers,
+                                          attention=attention)
+        return outputs, StudentOutput(logits=outputs.logits[select], layers=layers, attention=attention)
 
     @torch.no_grad()
     def teacher(self, inputs, targets: BatchTargets) -> TeacherOutput:
@@ -163,19 +181,22 @@ class ForwardPasses:
         if targets.teacher_mask is not None:
             return self._other_tokenizer_teacher(inputs, targets.teacher_mask)
         select = targets.select
-        members, layers = [], []
+        members, layers, attention = [], [], None
         for i, teacher in enumerate(self.teachers):
             chunked = self.chunking_works("teacher" if i == 0 else f"teacher_{i}", teacher, inputs)
-            outputs = self._forward(teacher, inputs, chunked, own_decoder_inputs=True)
-            if i == 0:  # the hidden-state term takes one teacher (checked at setup)
-                layers = self._layer_outputs(outputs, self.layer_map or [], select, inputs.get("attention_mask"))
+            mapped = self.layer_map if i == 0 else None  # the layer terms take one teacher (checked at setup)
+            with self._relations(teacher, mapped, inputs, targets) as relations:
+                outputs = self._forward(teacher, inputs, chunked, own_decoder_inputs=True)
+            if i == 0:
+                layers = self._layer_outputs(outputs, self.hidden_layers or [], select, inputs.get("attention_mask"))
+                attention = relations
             if chunked:
                 head = unwrap_model(teacher).get_output_embeddings()
                 members.append(TeacherHidden(outputs.hidden_states[-1][select], head))
             else:
                 members.append(TeacherLogits(outputs.logits[select]))
             del outputs
-        return TeacherOutput(members[0] if len(members) == 1 else members, layers)  # the loss weighs several
+        return TeacherOutput(members[0] if len(members) == 1 else members, layers, attention)  # the loss weighs several
 
     def _other_tokenizer_teacher(self, inputs, teacher_keep) -> TeacherOutput:
         """`cross_tokenizer`: the teacher on its own tokens, at the response positions paired with the student's."""
@@ -209,9 +230,27 @@ class ForwardPasses:
         kwargs = model_inputs(model, inputs, self.kind, own_decoder_inputs)
         if chunked:
             kwargs["logits_to_keep"] = 1
-        if chunked or self.layer_map:
+        if chunked or self.hidden_layers:
             kwargs["output_hidden_states"] = True
         return model(**kwargs)
+
+    @contextmanager
+    def _relations(self, model, layers, inputs, targets: BatchTargets):
+        """Keeps the query/key/value projections of `layers` while the forward inside runs (None: the term is off)."""
+        if self.relation_heads is None or not layers:
+            yield None
+            return
+        blocks = attention_projections(model)
+        states = AttentionStates([{} for _ in layers], self.relation_heads, inputs.get("attention_mask"), targets.kd_mask)
+        handles = [
+            blocks[layer][name].register_forward_hook(lambda module, args, output, slot=slot, name=name: slot.update({name: output}))
+            for slot, layer in zip(states.layers, layers) for name in ("q", "k", "v")
+        ]
+        try:
+            yield states
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _layer_outputs(self, outputs, layers, select, attention_mask=None) -> list[torch.Tensor]:
         """The outputs of `layers` (0-based block indices) at the selected positions (seq2seq: the decoder's)."""

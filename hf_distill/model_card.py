@@ -200,6 +200,8 @@ def distillation_info(args, student, teacher_name: str, kind, **known) -> dict:
     for key in ("loss_type", "temperature", "alpha", "beta", "skew", "hidden_loss_weight",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate"):
         info[key] = getattr(args, key)
+    if args.attention_loss_weight:
+        info["attention_loss_weight"] = args.attention_loss_weight
     if args.alpha_end is not None:  # a schedule: the card says where alpha went
         info["alpha"] = f"{args.alpha} → {args.alpha_end}, linearly over the steps"
     return info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from enum import Enum
 from typing import Any
@@ -219,6 +220,34 @@ def layer_stack(model) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
     raise ValueError(f"Cannot find the {count} layers of {type(model).__name__} to cut a student from.")
+
+
+def attention_projections(model) -> list[dict[str, nn.Module]]:
+    """Each block's query, key and value projections (`self_attn.q_proj`/`k_proj`/`v_proj`, as in Llama, Mistral,
+    Qwen, Gemma, SmolLM), for the attention-relation term."""
+    inner = unwrap_model(model)
+    found = []
+    for block in layer_stack(inner):
+        attention = getattr(block, "self_attn", None)
+        modules = {name: getattr(attention, f"{name}_proj", None) for name in ("q", "k", "v")}
+        if not all(isinstance(module, nn.Module) for module in modules.values()):
+            raise ValueError(
+                f"attention_loss_weight > 0 reads each block's self_attn.q_proj, k_proj and v_proj, which "
+                f"{type(inner).__name__} does not have (a fused or differently named attention); set "
+                "attention_loss_weight=0 for this model."
+            )
+        found.append(modules)
+    return found
+
+
+def relation_heads(*models) -> int:
+    """Relation heads of the attention-relation term: the greatest common divisor of the models' key/value head
+    counts, so that every query, key and value width of every model splits into them."""
+    counts = []
+    for model in models:
+        config = unwrap_model(model).config.get_text_config()
+        counts.append(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return math.gcd(*counts)
 
 
 def student_from_teacher(teacher, layers: list[int] | None = None):

@@ -19,11 +19,13 @@ from .modeling import (
     CAUSAL,
     CLASSIFICATION,
     SEQ2SEQ,
+    attention_projections,
     check_compatible,
     check_tokenizers,
     load_model,
     load_tokenizer_if_any,
     output_size,
+    relation_heads,
     unwrap_model,
 )
 
@@ -101,17 +103,18 @@ def _other_tokenizer_teacher(student, teacher, tokenizer, args, processing_class
     return Teachers([teacher], tokenizer, shared)
 
 
-# ---- the hidden-state term --------------------------------------------------------------------------
+# ---- the layer terms (hidden states, attention relations) ---------------------------------------
 
 
 def resolve_layer_map(student, teacher, args, kind) -> list[int] | None:
-    """For each student layer, the teacher layer whose output it matches (None without a hidden-state term)."""
-    if not args.hidden_loss_weight:
+    """For each student layer, the teacher layer whose output it matches (None without a layer term)."""
+    if not args.matches_layers:
         return None
     if teacher is None:
+        name = "hidden_loss_weight" if args.hidden_loss_weight else "attention_loss_weight"
         raise ValueError(
-            "hidden_loss_weight > 0 needs the teacher's hidden states, which an offline teacher_cache does not hold; "
-            "train with a live teacher or set hidden_loss_weight=0."
+            f"{name} > 0 needs the teacher's layers, which an offline teacher_cache does not hold; train with a live "
+            f"teacher or set {name}=0."
         )
     s_config, t_config = unwrap_model(student).config.get_text_config(), unwrap_model(teacher).config.get_text_config()
     n_student, n_teacher = _num_layers(s_config, kind), _num_layers(t_config, kind)
@@ -122,6 +125,20 @@ def resolve_layer_map(student, teacher, args, kind) -> list[int] | None:
             f"{n_student} layers."
         )
     return list(layer_map)
+
+
+def resolve_relation_heads(student, teacher, args, kind) -> int | None:
+    """The attention-relation term's heads (None without it), after checking both models have what it reads."""
+    if not args.attention_loss_weight or teacher is None:  # no teacher: refused by resolve_layer_map
+        return None
+    if kind != CAUSAL:
+        raise ValueError(
+            f"attention_loss_weight={args.attention_loss_weight} compares causal self-attention relations; this is a "
+            f"{kind} model. Set attention_loss_weight=0 (hidden_loss_weight matches its layers' outputs)."
+        )
+    for model in (student, teacher):
+        attention_projections(model)  # raises, naming the model, where its blocks have no q/k/v projections
+    return relation_heads(student, teacher)
 
 
 def attach_projections(model, teacher, layer_map) -> None:

@@ -29,8 +29,8 @@ from .on_policy import StepResponses
 from .quantization import prepare_qat, quantize_in_place
 from .served import attach_rollouts, attach_server
 from .sharding import prepare_teacher
-from .teachers import (attach_projections, load_teachers, peft_student, projections, resolve_layer_map, teacher_title,
-                       unique_names, without_projections)
+from .teachers import (attach_projections, load_teachers, peft_student, projections, resolve_layer_map,
+                       resolve_relation_heads, teacher_title, unique_names, without_projections)
 
 logger = logging.get_logger(__name__)
 
@@ -40,10 +40,10 @@ class DistillationTrainer(Trainer):
 
     Each step runs the student, then the teacher under `torch.no_grad()` on the same batch, aligns their
     outputs (causal: position t predicts token t+1; seq2seq: decoder positions and labels; classifiers:
-    one distribution a row), and minimises `alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H` over the
-    target tokens, each term averaged over the targets of the whole accumulated (and, by default,
-    multi-process) batch. `kd_loss`, `ce_loss` (and `hidden_loss`) are logged beside `loss`, in training and
-    evaluation.
+    one distribution a row), and minimises `alpha · KD + (1 − alpha) · CE` (+ the layer terms `hidden_loss_weight · H`,
+    `attention_loss_weight · A`) over the target tokens, each term averaged over the targets of the whole accumulated
+    (and, by default, multi-process) batch. `kd_loss`, `ce_loss` (and `hidden_loss`, `attention_loss`) are logged
+    beside `loss`, in training and evaluation.
 
     Args:
         model: the student, a `PreTrainedModel` or a Hub id / local path.
@@ -83,12 +83,13 @@ class DistillationTrainer(Trainer):
         setup = load_teachers(model, teacher_model, args, kind, processing_class, teacher_processing_class)
         teachers, self.teacher_tokenizer = setup.models, setup.tokenizer
         self.layer_map = resolve_layer_map(model, teachers[0] if teachers else None, args, kind)
+        self.relation_heads = resolve_relation_heads(model, teachers[0] if teachers else None, args, kind)
         if peft_config is not None:
             model = peft_student(model, peft_config)
         if args.student_quantization != "none":
             check_quantized_student(args, peft_config)
             prepare_qat(model, args.student_quantization)  # before the projections, which stay in float
-        attach_projections(model, teachers[0] if teachers else None, self.layer_map)
+        attach_projections(model, teachers[0] if teachers else None, self.layer_map if args.hidden_loss_weight else None)
         data_collator = data_collator or default_collator(kind, processing_class)
         if args.cross_tokenizer:  # each row also in the teacher's tokens
             data_collator = CrossTokenizerCollator(data_collator, processing_class, self.teacher_tokenizer,
@@ -117,10 +118,12 @@ class DistillationTrainer(Trainer):
         self.teacher_name = teacher_title(teachers, self.server, self.cache_info)
         self.loss_fn = DistillationLoss.from_config(args)
         self.forwards = ForwardPasses(self.teachers, kind, self.layer_map, args.chunked_loss,
-                                      self.accelerator.unwrap_model, setup.shared_vocabulary, projections(model))
+                                      self.accelerator.unwrap_model, setup.shared_vocabulary, projections(model),
+                                      hidden_states=args.hidden_loss_weight > 0, relation_heads=self.relation_heads)
         self._use_chunks = self.forwards.use_chunks  # decided per model on the first batch
         gather = self.accelerator.gather if args.world_size > 1 else None
-        self.loss_log = LossLog(self.teacher_names, bool(self.layer_map), args.device, gather)
+        self.loss_log = LossLog(self.teacher_names, bool(self.layer_map) and args.hidden_loss_weight > 0, args.device,
+                                gather, attention=self.relation_heads is not None)
         limits = [limit for limit in map(position_limit, (self.model, *self.teachers)) if limit is not None]
         synced = args.world_size > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self.responses = StepResponses(
@@ -172,7 +175,7 @@ class DistillationTrainer(Trainer):
         return batch_targets(inputs, self.task_kind, self.args.distill_all_tokens, self.args.cross_tokenizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H over the target positions.
+        """alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H + attention_loss_weight · A over the target positions.
 
         `num_items_in_batch` holds the (CE, KD) target counts of the whole accumulated batch, from
         `get_batch_samples`; without it (evaluation) the counts of this batch are used. Nothing here reads a
@@ -205,7 +208,7 @@ class DistillationTrainer(Trainer):
 
     def _needs_teacher(self, mode: str) -> bool:
         """Training with alpha = 0 and no hidden-state term never runs the teacher; evaluation always reports KD."""
-        wanted = self.args.distills or self.args.hidden_loss_weight > 0 or mode == "eval"
+        wanted = self.args.distills or self.args.matches_layers or mode == "eval"
         return wanted and (bool(self.teachers) or self.cache_info is not None or self.server is not None)
 
     # ---- checkpoints --------------------------------------------------------------------------------

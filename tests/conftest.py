@@ -59,6 +59,41 @@ def causal_pair(tokenizer):
     return teacher, student
 
 
+@pytest.fixture
+def cut_pair(tokenizer):
+    """A 4-layer teacher and a student cut from its layers 0 and 3, then moved away from them."""
+    from hf_distill.modeling import student_from_teacher
+
+    teacher = sharpen(small_llama(len(tokenizer), hidden_size=64, num_layers=4, seed=3), 5.0)
+    student = student_from_teacher(teacher, [0, 3])
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(4)
+        for parameter in student.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=gen))
+    return teacher, student
+
+
+def one_step_two_ways(tmp_path, teacher, student, tokenizer, **settings):
+    """The student's weights after one SGD step on 8 rows: as one batch of 8, and as 2 accumulated batches of 4."""
+    import copy
+
+    results = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        model = copy.deepcopy(student)
+        trainer = DistillationTrainer(
+            model=model, teacher_model=teacher, train_dataset=prompt_response_dataset(tokenizer, n=8),
+            processing_class=tokenizer,
+            args=config(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                        max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+                        **settings),
+        )
+        trainer.train()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    before = torch.cat([p.detach().flatten() for p in student.parameters()])
+    assert not torch.allclose(results[0], before)
+    return results
+
+
 def prompt_response_dataset(tokenizer, n: int = 32, max_length: int = 40):
     """Ragged rows: an English prompt masked with -100, then its Spanish response as the target."""
     rows = {"input_ids": [], "attention_mask": [], "labels": []}

@@ -25,7 +25,7 @@ import yaml
 from datasets import Dataset
 from peft import LoraConfig
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from transformers import LlamaConfig, LlamaModel, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaModel, TrainingArguments
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cache import build_cache
@@ -199,6 +199,11 @@ def empty_cache_folder(user):
     return lambda: user.train({"teacher_cache": str(user.root / "cache")}, teacher_model=None)
 
 
+def tiny_gpt2(vocab_size: int, seed: int):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=128))
+
+
 def folder_without_config(user):
     user.write("empty_teacher/README.md", "a folder that save_pretrained did not write")
     return str(user.root / "empty_teacher")
@@ -222,6 +227,25 @@ ROWS = [
         "`beta` in [0, 1]"),
     Row("hidden-weight-inf", "`hidden_loss_weight=inf`", setting(hidden_loss_weight=INF), ValueError,
         r"hidden_loss_weight=inf", r"finite number >= 0", "a finite weight >= 0"),
+    Row("attention-weight-negative", "`attention_loss_weight=-1`", setting(attention_loss_weight=-1.0), ValueError,
+        r"attention_loss_weight=-1\.0", r"finite number >= 0", "a finite weight >= 0"),
+    Row("attention-seq2seq", "`attention_loss_weight=1` with seq2seq models",
+        trainer(model=lambda user: tiny_t5(len(user.tokenizer), 32, 1, seed=1),
+                teacher_model=lambda user: tiny_t5(len(user.tokenizer), 32, 1, seed=0),
+                args=lambda user: user.config(attention_loss_weight=1.0)),
+        ValueError, r"attention_loss_weight=1\.0 compares causal self-attention relations; this is a seq2seq model",
+        r"Set attention_loss_weight=0", "`attention_loss_weight=0` (`hidden_loss_weight` works)"),
+    Row("attention-no-qkv", "`attention_loss_weight=1` with GPT-2 (fused `c_attn`)",
+        trainer(model=lambda user: tiny_gpt2(len(user.tokenizer), seed=1),
+                teacher_model=lambda user: tiny_gpt2(len(user.tokenizer), seed=0),
+                args=lambda user: user.config(attention_loss_weight=1.0)),
+        ValueError, r"self_attn\.q_proj, k_proj and v_proj, which GPT2LMHeadModel does not have",
+        r"set attention_loss_weight=0", "a Llama-style model, or `attention_loss_weight=0`"),
+    Row("attention-with-cache", "`attention_loss_weight=1` with a `teacher_cache`",
+        lambda user: (lambda cache: lambda: user.train({"attention_loss_weight": 1.0, "teacher_cache": cache},
+                                                       teacher_model=None))(user.cache(user.dataset())),
+        ValueError, r"attention_loss_weight > 0 needs the teacher's layers, which an offline teacher_cache",
+        r"set attention_loss_weight=0", "a live teacher"),
     Row("learning-rate-nan", "`learning_rate=nan`", setting(learning_rate=NAN), ValueError, r"learning_rate=nan",
         r"finite number >= 0, for instance 5e-05", "a finite `learning_rate` >= 0"),
     Row("chunk-size-zero", "`chunk_size=0`", setting(chunk_size=0), ValueError, r"chunk_size=0",

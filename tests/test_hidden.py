@@ -11,19 +11,7 @@ from hf_distill.loss import default_layer_map
 from hf_distill.modeling import student_from_teacher
 from hf_distill.runner.scratch import small_llama
 
-from conftest import config, prompt_response_dataset, sharpen
-
-
-@pytest.fixture
-def cut_pair(tokenizer):
-    """A 4-layer teacher and a student cut from its layers 0 and 3, then moved away from them."""
-    teacher = sharpen(small_llama(len(tokenizer), hidden_size=64, num_layers=4, seed=3), 5.0)
-    student = student_from_teacher(teacher, [0, 3])
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(4)
-        for parameter in student.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape, generator=gen))
-    return teacher, student
+from conftest import config, one_step_two_ways, prompt_response_dataset
 
 
 def log_softmax64(x):
@@ -110,23 +98,9 @@ def test_student_records_its_source_layers(cut_pair):
 @pytest.mark.parametrize("chunked", [True, False])
 def test_gradient_accumulation_equals_big_batch_with_hidden_term(tmp_path, cut_pair, tokenizer, chunked):
     teacher, student = cut_pair
-    dataset = prompt_response_dataset(tokenizer, n=8)
-    results = []
-    for batch_size, accumulation in ((8, 1), (4, 2)):
-        model = copy.deepcopy(student)
-        trainer = DistillationTrainer(
-            model=model, teacher_model=teacher, train_dataset=dataset, processing_class=tokenizer,
-            args=config(
-                tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                max_steps=1, optim="sgd", learning_rate=1.0, alpha=0.5, hidden_loss_weight=3.0,
-                chunked_loss=chunked, max_grad_norm=0.0, lr_scheduler_type="constant",
-            ),
-        )
-        trainer.train()
-        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    before = torch.cat([p.detach().flatten() for p in student.parameters()])
-    assert not torch.allclose(results[0], before)
-    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    big, accumulated = one_step_two_ways(tmp_path, teacher, student, tokenizer, alpha=0.5, hidden_loss_weight=3.0,
+                                         chunked_loss=chunked)
+    torch.testing.assert_close(big, accumulated, rtol=1e-5, atol=1e-6)
 
 
 def test_training_lowers_the_logged_hidden_loss(tmp_path, cut_pair, tokenizer):

@@ -8,8 +8,10 @@
           → ensemble     (several teachers: their mixture, or the sum of their divergences)
       → cross_tokenizer  (a teacher with another tokenizer: ULD, or spans that line up over a shared vocabulary)
       → hidden     (the intermediate-layer term)
+      → attention  (the attention-relation term)
 """
 
+from .attention import AttentionStates, attention_relation_sum, relation_log_probs
 from .blended import (
     LossSettings,
     PositionTargets,
@@ -37,10 +39,10 @@ from .hidden import HIDDEN_LOSS_TYPES, default_layer_map
 from .objective import DistillationLoss, LossOutput, StudentOutput, TeacherOutput
 
 __all__ = [
-    "AlignedTeacher", "CROSS_TOKENIZER", "CachedTeacher", "DIVERGENCES", "DistillationLoss", "Divergence", "HIDDEN_LOSS_TYPES", "LOSS_TYPES",
+    "AlignedTeacher", "AttentionStates", "CROSS_TOKENIZER", "CachedTeacher", "DIVERGENCES", "DistillationLoss", "Divergence", "HIDDEN_LOSS_TYPES", "LOSS_TYPES",
     "LossOutput", "LossSettings", "MULTI_TEACHER",
     "PositionTargets", "StudentOutput", "TeacherEnsemble", "TeacherHidden", "TeacherLogits", "TeacherOutput",
-    "aligned_response_masks", "blended_loss", "mixture_logits", "normalized_weights", "one_to_one_spans",
+    "aligned_response_masks", "attention_relation_sum", "blended_loss", "mixture_logits", "normalized_weights", "one_to_one_spans", "relation_log_probs",
     "shared_vocabulary", "shared_vocabulary_divergence", "uld_distance",
     "check_loss_settings", "check_reduction", "chunked_blended_loss", "cross_entropy_per_position", "default_chunk_size",
     "default_layer_map", "distillation_loss", "loss_table", "tail_log_mass", "token_divergence", "top_k_entries",

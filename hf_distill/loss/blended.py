@@ -53,8 +53,8 @@ class PositionTargets:
     where the position is distilled only. `kd_mask`/`ce_mask` pick the positions of each term;
     `kd_scale`/`ce_scale` (floats, or 0-d tensors when the counts stay on the device; exactly 0.0 when a term is
     off) are alpha / (distilled positions of the accumulated batch) and
-    (1 − alpha) / (target tokens of the accumulated batch); `hidden_scale` is the hidden-state term's
-    weight / (distilled positions of the accumulated batch).
+    (1 − alpha) / (target tokens of the accumulated batch); `hidden_scale` and `attention_scale` are the layer
+    terms' weights / (distilled positions of the accumulated batch).
     """
 
     targets: torch.Tensor
@@ -64,6 +64,7 @@ class PositionTargets:
     ce_scale: float | torch.Tensor
     hidden_scale: float | torch.Tensor = 0.0
     kd_everywhere: bool | None = None  # every position is distilled; None: look at kd_mask
+    attention_scale: float | torch.Tensor = 0.0
 
     def chunk(self, part: slice) -> "PositionTargets":
         return replace(self, targets=self.targets[part], kd_mask=self.kd_mask[part], ce_mask=self.ce_mask[part])

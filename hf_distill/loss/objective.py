@@ -1,9 +1,9 @@
 """`DistillationLoss`: the whole objective, built once from the config and called by the trainer every step.
 
-    loss = alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H
+    loss = alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H + attention_loss_weight · A
 
-KD is the divergence from the teacher's output distribution, CE the student's own loss on the labels and H
-the intermediate-layer term; each is a sum over positions divided by the target count of the whole
+KD is the divergence from the teacher's output distribution, CE the student's own loss on the labels, H
+the intermediate-layer term and A the attention-relation term; each is a sum over positions divided by the target count of the whole
 accumulated batch, so gradient accumulation is exact.
 """
 
@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import AttentionStates, attention_relation_sum
 from .blended import (
     LossSettings,
     PositionTargets,
@@ -32,12 +33,14 @@ from .hidden import hidden_state_sum
 @dataclass
 class StudentOutput:
     """The student at the selected positions: logits (N, V), or final hidden states (N, D) and the linear head
-    that the chunked loss projects them with; `layers` are the mapped layers' outputs for the hidden term."""
+    that the chunked loss projects them with; `layers` are the mapped layers' outputs for the hidden term and
+    `attention` their attention projections for the relation term."""
 
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     head: nn.Module | None = None
     layers: list[torch.Tensor] = field(default_factory=list)
+    attention: AttentionStates | None = None
 
     @property
     def anchor(self) -> torch.Tensor:
@@ -48,10 +51,11 @@ class StudentOutput:
 @dataclass
 class TeacherOutput:
     """The teacher at the selected positions: its distribution (logits, hidden states + head, or cached
-    entries) and the outputs of the layers the student's layers are mapped to."""
+    entries) and the outputs (and attention projections) of the layers the student's layers are mapped to."""
 
     distribution: Teacher
     layers: list[torch.Tensor] = field(default_factory=list)
+    attention: AttentionStates | None = None
 
 
 @dataclass
@@ -60,11 +64,12 @@ class LossOutput:
     kd_sum: torch.Tensor  # Σ divergence over distilled positions (detached, for logging)
     ce_sum: torch.Tensor  # Σ CE over target positions
     hidden_sum: torch.Tensor  # Σ hidden-state distance over distilled positions
+    attention_sum: torch.Tensor  # Σ attention-relation divergence over distilled positions
     member_kd_sums: torch.Tensor | None = None  # several teachers: each one's Σ divergence (for its log line)
 
 
 class DistillationLoss:
-    """alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H over selected positions.
+    """alpha · KD + (1 − alpha) · CE + hidden_loss_weight · H + attention_loss_weight · A over selected positions.
 
     Args:
         loss_type, temperature, beta, skew: the divergence (see `hf_distill.distillation_loss`).
@@ -73,6 +78,7 @@ class DistillationLoss:
         chunk_size: positions per chunk of the chunked loss (None: from the vocabulary and device).
         compile: fuse the chunk math with `torch.compile`.
         hidden_loss_weight, hidden_loss_type: weight and distance ("mse", "cosine") of the hidden-state term.
+        attention_loss_weight: weight of the attention-relation term.
         multi_teacher, teacher_weights: with several teachers, how their targets are reduced ("mean_probs": the
             weighted mixture of their distributions; "mean_loss": the weighted sum of their divergences) and
             their weights (None: equal; normalized to sum to 1).
@@ -90,6 +96,7 @@ class DistillationLoss:
         compile: bool = False,
         hidden_loss_weight: float = 0.0,
         hidden_loss_type: str = "mse",
+        attention_loss_weight: float = 0.0,
         multi_teacher: str = "mean_probs",
         teacher_weights: list[float] | None = None,
     ):
@@ -99,6 +106,7 @@ class DistillationLoss:
         self.chunk_size = chunk_size
         self.hidden_loss_weight = hidden_loss_weight
         self.hidden_loss_type = hidden_loss_type
+        self.attention_loss_weight = attention_loss_weight
         self.multi_teacher = multi_teacher
         self.teacher_weights = teacher_weights
 
@@ -115,6 +123,7 @@ class DistillationLoss:
             compile=args.compile_loss,
             hidden_loss_weight=args.hidden_loss_weight,
             hidden_loss_type=args.hidden_loss_type,
+            attention_loss_weight=args.attention_loss_weight,
             multi_teacher=args.multi_teacher,
             teacher_weights=args.teacher_weights,
         )
@@ -138,7 +147,7 @@ class DistillationLoss:
 
         return PositionTargets(
             targets, kd_mask, ce_mask, scale(self.alpha, n_kd), scale(1 - self.alpha, n_ce),
-            scale(self.hidden_loss_weight, n_kd), kd_everywhere,
+            scale(self.hidden_loss_weight, n_kd), kd_everywhere, scale(self.attention_loss_weight, n_kd),
         )
 
     def __call__(self, student: StudentOutput, teacher: TeacherOutput | None, positions: PositionTargets) -> LossOutput:
@@ -175,8 +184,13 @@ class DistillationLoss:
             hidden = hidden_state_sum(student.layers, teacher.layers, positions.kd_mask, self.hidden_loss_type)
             loss = loss + positions.hidden_scale * hidden
             hidden_sum = hidden.detach()
+        attention_sum = loss.new_zeros(())
+        if is_on(positions.attention_scale) and teacher is not None and teacher.attention is not None:
+            relations = attention_relation_sum(student.attention, teacher.attention)
+            loss = loss + positions.attention_scale * relations
+            attention_sum = relations.detach()
         # Keep the student in the graph when no position is selected, so distributed backward stays in step.
         loss = loss + 0.0 * student.anchor.sum()
         members = None if members is None or not len(members) else members  # each of several teachers' Σ KD
-        return LossOutput(loss, kd_sum, ce_sum, hidden_sum, members)
+        return LossOutput(loss, kd_sum, ce_sum, hidden_sum, attention_sum, members)
 
