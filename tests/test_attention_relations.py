@@ -76,6 +76,48 @@ def test_same_states_give_zero_and_padding_gives_finite_gradients():
     assert probs[0, :, 3, 4].abs().max() == 0 and probs[0, :, 3, :2].abs().max() == 0  # future and padding unseen
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_query_chunks_give_the_same_sum_and_gradients(causal):
+    states = random_states((8, 4, 4), 3, 7, seed=3)
+    key_mask = torch.tensor([[1] * 7, [1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    runs = []
+    for chunk in (7, 3, 1):  # whole rows; chunks of 3 (the last one short); one query at a time
+        leaf = [{name: value.clone().requires_grad_(True) for name, value in layer.items()} for layer in states]
+        teacher = [{name: value.flip(1) for name, value in layer.items()} for layer in states]
+        total = attention_relation_sum(AttentionStates(leaf, 2, key_mask, key_mask),
+                                       AttentionStates(teacher, 2, key_mask, key_mask), causal, query_chunk=chunk)
+        total.backward()
+        runs.append((total.detach(), [value.grad for layer in leaf for value in layer.values()]))
+    for total, grads in runs[1:]:
+        torch.testing.assert_close(total, runs[0][0])
+        for got, expected in zip(grads, runs[0][1]):
+            torch.testing.assert_close(got, expected)
+
+
+def test_query_chunks_keep_no_square_relations_for_backward():
+    """What autograd keeps for backward: whole rows keep (B, R, S, S) relations; chunks keep only the projections."""
+    length, width = 64, 8
+
+    def saved_bytes(chunk):
+        states = random_states((width,) * 3, 2, length, seed=4)
+        leaf = [{name: value.clone().requires_grad_(True) for name, value in layer.items()} for layer in states]
+        sizes = {}  # by storage: a tensor saved by several chunks is held once
+
+        def pack(tensor):
+            sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            attention_relation_sum(AttentionStates(leaf, 2, None, None), AttentionStates(states, 2, None, None),
+                                   query_chunk=chunk)
+        return sum(sizes.values())
+
+    whole, chunked = saved_bytes(length), saved_bytes(8)
+    projections = 2 * (2 * 3 * 2 * length * width * 4)  # both models' layers × q/k/v × (B, S, D), float32
+    assert whole > 2 * 3 * 2 * 2 * length * length * 4  # at least one (B, R, S, S) float32 relation each
+    assert chunked <= projections  # the inputs of each chunk's recompute, not its relations
+
+
 def projections64(model, batch, layers):
     """Each listed layer's q/k/v projections of a float64 copy of `model`, read by hooks of the test's own."""
     model = copy.deepcopy(model).double().eval()
