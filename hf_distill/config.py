@@ -297,6 +297,13 @@ class DistillationConfig(TrainingArguments):
                   "optimizer steps have passed since the last send (1: every on-policy step samples the current "
                   "student; larger values trade staleness for time)."},
     )
+    vllm_sync_adapters: bool = field(
+        default=False,
+        metadata={"help": "use_vllm with a PEFT LoRA student: send only its adapters, which the server loads in place "
+                  "as a LoRA adapter and samples (start it with --enable-lora --max-lora-rank R and "
+                  "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), instead of weights with the adapters merged in: megabytes "
+                  "instead of the whole model."},
+    )
     vllm_weights_dir: str | None = field(
         default=None,
         metadata={"help": "use_vllm: the folder the student's weights are written to for the server to read (it must "
@@ -466,6 +473,9 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"{name}={value!r} must be a number of seconds > 0.")
 
     def _check_vllm(self) -> None:
+        if self.vllm_sync_adapters and not self.use_vllm:
+            raise ValueError("vllm_sync_adapters=True sends a LoRA student's adapters to its vLLM server, but use_vllm "
+                             "is off; set use_vllm=True (and vllm_server_base_url) or drop vllm_sync_adapters.")
         if not self.use_vllm:
             return
         if self.lmbda == 0:

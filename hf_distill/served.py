@@ -73,8 +73,9 @@ class TeacherServer:
             self._session, self._pid = requests.Session(), os.getpid()
         return requests, self._session
 
-    def request(self, method: str, path: str, payload: dict | None = None) -> Any:
-        """The JSON answer to one request, retried on a passing fault; a refusal (4xx) is raised at once."""
+    def request(self, method: str, path: str, payload: dict | None = None, text: bool = False) -> Any:
+        """The JSON answer to one request (`text`: its text), retried on a passing fault; a refusal (4xx) is raised
+        at once."""
         requests, session = self._http()
         address = f"{self.url}{path}"
         fault = None
@@ -94,6 +95,8 @@ class TeacherServer:
                 continue
             if answer.status_code >= 400:
                 raise ServerError(self._refusal(path, answer.status_code, _message(answer)))
+            if text:
+                return answer.text
             try:
                 return answer.json()
             except ValueError:
@@ -226,10 +229,14 @@ class RolloutServer(TeacherServer):
 
     label = "student's vLLM server"
     fields = "vllm_server"
+    adapter = "hf-distill-student"  # the LoRA adapter's name on the server (vllm_sync_adapters)
+    sync_adapters: bool = False
 
     @classmethod
     def from_config(cls, args) -> "RolloutServer":
-        return cls(args.vllm_server_base_url, None, 1, args.vllm_server_timeout)
+        server = cls(args.vllm_server_base_url, None, 1, args.vllm_server_timeout)
+        server.sync_adapters = args.vllm_sync_adapters
+        return server
 
     def check(self, tokenizer, max_length: int | None = None) -> str:
         name = super().check(tokenizer, max_length)
@@ -242,16 +249,44 @@ class RolloutServer(TeacherServer):
                 f"The {self.label} at {self.url} cannot take new weights: start it with VLLM_SERVER_DEV_MODE=1 "
                 "(docs/served_teacher.md)."
             ) from None
+        if self.sync_adapters:
+            self._check_adapter_routes()
         return name
+
+    def _check_adapter_routes(self) -> None:
+        # Unloading our adapter (left by an earlier run, or absent) changes nothing else and tells whether the server
+        # has vLLM's runtime LoRA routes: without them the path itself is unknown ("Not Found").
+        try:
+            self.request("POST", "/v1/unload_lora_adapter", {"lora_name": self.adapter}, text=True)
+        except ServerError as error:
+            if "HTTP 404: Not Found" not in str(error):
+                return  # the route answered: our adapter is not loaded yet
+            raise ServerError(
+                f"The {self.label} at {self.url} cannot take LoRA adapters (vllm_sync_adapters=True): start it with "
+                "--enable-lora --max-lora-rank R (R ≥ the adapters' rank) and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+                "in its environment, or set vllm_sync_adapters=False to send merged weights."
+            ) from None
 
     def push_weights(self, student, folder: str, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Send `student`'s weights (a `PreTrainedModel`, or a PEFT model whose adapters are merged in) to the server,
-        saved to `folder`; `weights`: a sharded student's, gathered whole."""
-        model, weights = served_weights(student, weights)
-        model.save_pretrained(folder, state_dict=weights)
-        self.request("POST", "/collective_rpc",
-                     {"method": "reload_weights", "kwargs": {"weights_path": os.path.abspath(folder)}})
-        self.request("POST", "/reset_prefix_cache")
+        saved to `folder`; `weights`: a sharded student's, gathered whole. With `sync_adapters`, a LoRA student's
+        adapters alone, loaded in place as the adapter the server then samples."""
+        if self.sync_adapters:
+            self._push_adapters(student, folder)
+        else:
+            model, weights = served_weights(student, weights)
+            model.save_pretrained(folder, state_dict=weights)
+            self.request("POST", "/collective_rpc",
+                         {"method": "reload_weights", "kwargs": {"weights_path": os.path.abspath(folder)}})
+        self.request("POST", "/reset_prefix_cache")  # its blocks were computed with the old weights
+
+    def _push_adapters(self, student, folder: str) -> None:
+        name = student.active_adapter
+        student.save_pretrained(folder, selected_adapters=[name])
+        path = folder if name == "default" else os.path.join(folder, name)  # PEFT saves other names in a subfolder
+        self.request("POST", "/v1/load_lora_adapter",
+                     {"lora_name": self.adapter, "lora_path": os.path.abspath(path), "load_inplace": True}, text=True)
+        self.model = self.adapter
 
 
 def served_weights(student, weights: dict[str, torch.Tensor] | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -283,9 +318,25 @@ def attach_rollouts(args, student, processing_class, synced: bool) -> RolloutSer
     if synced and hasattr(student, "peft_config"):
         raise ValueError("use_vllm: a sharded PEFT student's adapters are not merged for vLLM; train it with DDP, "
                          "merge them first (merge_and_unload) or set use_vllm=False.")
+    if args.vllm_sync_adapters:
+        check_lora_student(student)
     server = RolloutServer.from_config(args)
     server.check(processing_class)
     return server
+
+
+def check_lora_student(student) -> None:
+    """vllm_sync_adapters: the student is a PEFT LoRA model whose trained weights are all in its adapters."""
+    config = getattr(student, "peft_config", {}).get(getattr(student, "active_adapter", None))
+    kind = getattr(getattr(config, "peft_type", None), "value", None)
+    if kind != "LORA":
+        raise ValueError(f"vllm_sync_adapters=True sends a LoRA student's adapters, but the student is "
+                         f"{'a ' + kind + ' PEFT model' if kind else 'not a PEFT model'}; set vllm_sync_adapters=False "
+                         "to send its (merged) weights.")
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(f"vllm_sync_adapters=True: the student also trains whole modules ({config.modules_to_save}, "
+                         "modules_to_save), which vLLM's LoRA adapters do not carry; set vllm_sync_adapters=False to "
+                         "send merged weights.")
 
 
 @dataclass
@@ -341,7 +392,7 @@ def _message(answer) -> str:
         body = answer.json()
     except ValueError:
         return answer.text[:200]
-    error = body.get("error", body) if isinstance(body, dict) else body
+    error = body.get("error", body.get("detail", body)) if isinstance(body, dict) else body  # OpenAI's, FastAPI's
     if isinstance(error, dict):
         error = error.get("message", error)
     return str(error)[:300]

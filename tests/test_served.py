@@ -68,6 +68,23 @@ def served(tmp_path_factory, tokenizer):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def lora_served(served, tmp_path_factory):
+    """A second server on the same teacher that takes LoRA adapters at run time, as a LoRA student's rollout server.
+    (Not the teacher's: vLLM 0.32's CPU build fails prompt log-probs of several rows at once with --enable-lora.)"""
+    _, _, folder = served
+    log = tmp_path_factory.mktemp("lora") / "vllm.log"
+    server = LocalVLLMServer(VLLM_PYTHON, str(folder), name=NAME, max_model_len=MAX_MODEL_LEN, log_file=str(log),
+                             extra_args=("--enable-lora", "--max-lora-rank", "8"),
+                             env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+    try:
+        server.start()
+    except ServerError as error:
+        pytest.fail(f"{error}\n{log.read_text(errors='replace')[-3000:]}")
+    yield server.url
+    server.stop()
+
+
 def client(url, **overrides):
     return TeacherServer(**({"url": url, "model": NAME, "top_k": TOP_K, "retries": 1, "timeout": 60} | overrides))
 
@@ -344,6 +361,8 @@ def test_the_collator_puts_each_selected_position_s_entry_in_order(scripted, tok
          "vllm_mode='colocate': only 'server' is built"),
         (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0, vllm_server_base_url="http://h:1",
               vllm_sync_interval=0), "vllm_sync_interval=0 must be a whole number >= 1"),
+        (dict(teacher_server_url=None, vllm_sync_adapters=True), "vllm_sync_adapters=True sends a LoRA student's "
+         "adapters to its vLLM server, but use_vllm is off"),
     ],
 )
 def test_settings_a_served_teacher_cannot_take_are_refused(tmp_path, overrides, message):
@@ -403,6 +422,35 @@ def test_a_rollout_server_without_dev_mode_is_a_clear_error(scripted):
     with pytest.raises(ServerError, match="cannot take new weights: start it with VLLM_SERVER_DEV_MODE=1"):
         RolloutServer(scripted, retries=0).check(None)
     assert Scripted.seen == ["/v1/models", "/reset_prefix_cache"]
+
+
+def test_a_rollout_server_without_lora_routes_is_a_clear_error_with_vllm_sync_adapters(scripted):
+    Scripted.script = [(200, {"data": [{"id": "m"}]}, 0), (200, {}, 0), (404, {"detail": "Not Found"}, 0)]
+    server = RolloutServer(scripted, retries=0)
+    server.sync_adapters = True
+    with pytest.raises(ServerError, match="cannot take LoRA adapters .* --enable-lora --max-lora-rank R .* "
+                                          "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+        server.check(None)
+    assert Scripted.seen == ["/v1/models", "/reset_prefix_cache", "/v1/unload_lora_adapter"]
+    # A server with the routes answers that our adapter is not loaded (yet): that passes.
+    Scripted.seen = []
+    Scripted.script = [(200, {"data": [{"id": "m"}]}, 0), (200, {}, 0),
+                       (404, {"error": {"message": "The lora adapter 'hf-distill-student' cannot be found."}}, 0)]
+    assert server.check(None) == "m"
+
+
+@pytest.mark.parametrize("student, message", [
+    ("plain", "the student is not a PEFT model"),
+    ("modules_to_save", r"also trains whole modules \(\['lm_head'\], modules_to_save\)"),
+])
+def test_vllm_sync_adapters_needs_a_lora_student_with_all_its_training_in_adapters(tokenizer, tmp_path, student,
+                                                                                   message):
+    model = lora_student(tokenizer) if student == "modules_to_save" else small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)
+    args = config(tmp_path, lmbda=1.0, use_vllm=True, vllm_server_base_url="http://127.0.0.1:9",
+                  vllm_sync_adapters=True)
+    with pytest.raises(ValueError, match=f"vllm_sync_adapters=True.*{message}.*set vllm_sync_adapters=False"):
+        DistillationTrainer(model=model, teacher_model=tiny_teacher(tokenizer), args=args,
+                            train_dataset=prompt_response_dataset(tokenizer, n=4), processing_class=tokenizer)
 
 
 # Last: it sends other weights to the module's server (and puts the teacher's back).
@@ -503,6 +551,44 @@ def test_use_vllm_with_a_peft_student_serves_it_merged(served, tokenizer, tmp_pa
         rollouts.request("POST", "/collective_rpc", {"method": "reload_weights",
                                                       "kwargs": {"weights_path": str(folder)}})
         rollouts.request("POST", "/reset_prefix_cache")
+
+
+def test_use_vllm_sends_a_lora_students_adapters_alone(served, lora_served, tokenizer, tmp_path):
+    """vllm_sync_adapters: the server samples the student's adapter as it was last sent (in place, every step), on
+    top of the base it started on, which stays as it was; only adapter files are written."""
+    from peft import LoraConfig, get_peft_model
+
+    _, teacher, _ = served
+    url = lora_served
+    base = small_llama(len(tokenizer), hidden_size=128, num_layers=2, seed=0, num_attention_heads=2,
+                       num_key_value_heads=2)
+    sharpen(base, 5.0)  # the served teacher's weights: the server's base is the student's base
+    student = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    prompts = prompt_response_dataset(tokenizer, n=8, max_length=24)
+    # alpha 0.5: the student starts as its teacher, so the KD term alone would give no gradient.
+    args = config(tmp_path, lmbda=1.0, alpha=0.5, use_vllm=True, vllm_server_base_url=url, vllm_sync_adapters=True,
+                  max_new_tokens=4, max_steps=2, learning_rate=5e-2, per_device_train_batch_size=4)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts,
+                                  processing_class=tokenizer)
+    row = prompt_response_dataset(tokenizer, n=1)[0]["input_ids"]
+    expected = []  # the student's top-k at each send
+    push = trainer.responses.rollouts.push_weights
+    trainer.responses.rollouts.push_weights = lambda model, path, weights=None: (
+        expected.append(local_top_k(model.eval(), row, TOP_K)), model.train(), push(model, path, weights))
+    adapter = RolloutServer(url, RolloutServer.adapter, top_k=TOP_K, retries=1)
+    try:
+        trainer.train()
+        assert len(expected) == 2  # steps 0 and 1
+        sent = os.listdir(args.vllm_weights_dir)
+        assert "adapter_model.safetensors" in sent and not any(name.startswith("model") for name in sent)
+        assert np.abs(expected[1].values.numpy() - expected[0].values.numpy()).max() > 1e-3  # it trained
+        ids, logprobs = adapter.top_k_logprobs([row])[0]
+        np.testing.assert_allclose(logprobs, expected[1].values.numpy(), atol=2e-4)
+        assert (ids == expected[1].indices.numpy()).mean() > 0.95
+        base_ids, base_logprobs = client(url).top_k_logprobs([row])[0]  # the base model, as it started
+        np.testing.assert_allclose(base_logprobs, local_top_k(teacher, row, TOP_K).values.numpy(), atol=2e-4)
+    finally:
+        adapter.request("POST", "/v1/unload_lora_adapter", {"lora_name": RolloutServer.adapter}, text=True)
 
 
 def test_use_vllm_gathers_a_sharded_student_whole_for_the_server(served, tokenizer, tmp_path):

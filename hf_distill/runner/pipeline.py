@@ -232,7 +232,7 @@ def train_students(run: RecipeRun, callbacks=None) -> None:
         baseline_config = dataclasses.replace(
             # No teacher in any term (nor to score the student's own samples): the baseline trains on the data only.
             config, alpha=0.0, alpha_end=None, hidden_loss_weight=0.0, attention_loss_weight=0.0, lmbda=0.0,
-            seq_kd=False, use_vllm=False,
+            seq_kd=False, use_vllm=False, vllm_sync_adapters=False,
             push_to_hub=False, learning_rate=recipe.baseline_learning_rate or config.learning_rate,
             output_dir=os.path.join(config.output_dir, "_baseline"),
             run_name=f"{config.run_name or 'run'}-baseline",
