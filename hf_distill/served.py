@@ -218,25 +218,24 @@ class TeacherServer:
         return ids, logprobs
 
 
+@dataclass
 class RolloutServer(TeacherServer):
     """The student's copy on a vLLM server (`use_vllm`, `vllm_mode="server"`), which writes the on-policy responses.
 
     The server is started on the student's starting weights with `VLLM_SERVER_DEV_MODE=1` (for its
     `/collective_rpc` and `/reset_prefix_cache` routes). `push_weights` writes the student's current weights to a
-    folder the server can read and has it reload them in place; the prefix cache, computed with the old weights,
-    is dropped with them.
+    folder the server can read and has it reload them in place (with `sync_adapters`, a LoRA student's adapters,
+    loaded in place as the adapter it then samples); the prefix cache, computed with the old weights, is dropped.
     """
 
     label = "student's vLLM server"
     fields = "vllm_server"
     adapter = "hf-distill-student"  # the LoRA adapter's name on the server (vllm_sync_adapters)
-    sync_adapters: bool = False
+    sync_adapters: bool = False  # send a LoRA student's adapters, not its merged weights
 
     @classmethod
     def from_config(cls, args) -> "RolloutServer":
-        server = cls(args.vllm_server_base_url, None, 1, args.vllm_server_timeout)
-        server.sync_adapters = args.vllm_sync_adapters
-        return server
+        return cls(args.vllm_server_base_url, None, 1, args.vllm_server_timeout, sync_adapters=args.vllm_sync_adapters)
 
     def check(self, tokenizer, max_length: int | None = None) -> str:
         name = super().check(tokenizer, max_length)

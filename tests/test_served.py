@@ -426,8 +426,7 @@ def test_a_rollout_server_without_dev_mode_is_a_clear_error(scripted):
 
 def test_a_rollout_server_without_lora_routes_is_a_clear_error_with_vllm_sync_adapters(scripted):
     Scripted.script = [(200, {"data": [{"id": "m"}]}, 0), (200, {}, 0), (404, {"detail": "Not Found"}, 0)]
-    server = RolloutServer(scripted, retries=0)
-    server.sync_adapters = True
+    server = RolloutServer(scripted, retries=0, sync_adapters=True)
     with pytest.raises(ServerError, match="cannot take LoRA adapters .* --enable-lora --max-lora-rank R .* "
                                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
         server.check(None)
