@@ -22,6 +22,10 @@ Each arm runs in its own process (its peak RSS is its own), one at a time, the s
    `onpolicy-hf`: STEPS on-policy steps (lmbda 1, alpha 1, the teacher in the process scoring) on BATCH prompts of 32
    tokens, the student sampling NEW tokens with HF `generate`; `onpolicy-vllm`: the same with `use_vllm`, the
    student's weights sent to its server before every step. Median s/step after 2 warm-up steps, and the KD losses.
+5. With a third server on the student that takes LoRA adapters at run time (--enable-lora): a LoRA student (rank 16
+   on every attention and MLP projection, adapters moved off zero) is sent to it STEPS times, `sync-merged` with its
+   adapters merged into whole weights (what `use_vllm` sends by default), `sync-adapters` its adapters alone
+   (`vllm_sync_adapters`). Median seconds per send (save + the server's reload), and the bytes written.
 Ratios are printed side by side; rows append to benchmarks/results/served.jsonl. On this machine the server and
 the trainer share the same 2 cores: the served step pays for the teacher's forward on them too.
 """
@@ -46,6 +50,7 @@ DEFAULT_MODEL_DIR = HERE / ".models" / "smollm2-135m-instruct"
 RESULTS = HERE / "results" / "served.jsonl"
 ARMS = ("cache-local", "cache-served", "train-cached", "train-served", "train-live", "generate-hf", "generate-served")
 ROLLOUT_ARMS = ("onpolicy-hf", "onpolicy-vllm")  # with a second server, holding the student
+SYNC_ARMS = ("sync-merged", "sync-adapters")  # with a third, holding the student and taking LoRA adapters
 
 
 def parse_args(argv=None):
@@ -61,10 +66,10 @@ def parse_args(argv=None):
     parser.add_argument("--new", type=int, default=64, help="generated tokens per prompt")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--arm", choices=ARMS + ROLLOUT_ARMS, help=argparse.SUPPRESS)  # one arm, in a child process
+    parser.add_argument("--arm", choices=ARMS + ROLLOUT_ARMS + SYNC_ARMS, help=argparse.SUPPRESS)  # one arm, in a child process
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--arms", default=",".join(ARMS + ROLLOUT_ARMS), help="the arms to run (ratios need pairs)")
+    parser.add_argument("--arms", default=",".join(ARMS + ROLLOUT_ARMS + SYNC_ARMS), help="the arms to run (ratios need pairs)")
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args(argv)
 
@@ -161,6 +166,26 @@ def run_arm(args) -> dict:
         trainer.train()
         kd = [log["kd_loss"] for log in trainer.state.log_history if "kd_loss" in log]
         result.update(s_per_step=statistics.median(times.times[2:]), step_times=times.times, kd_loss=kd)
+    elif arm.startswith("sync"):
+        from peft import LoraConfig, get_peft_model
+
+        from hf_distill.served import RolloutServer
+
+        model = get_peft_model(student(args.model_dir, args.student_layers), LoraConfig(
+            r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.01)
+        rollouts = RolloutServer(args.url, "student", sync_adapters=arm == "sync-adapters")
+        rollouts.check(tokenizer)
+        folder, seconds = work / arm, []
+        for _ in range(args.steps + 1):  # the first send is a warm-up, not counted
+            start = time.perf_counter()
+            rollouts.push_weights(model, str(folder))
+            seconds.append(time.perf_counter() - start)
+        written = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+        result.update(s_per_sync=statistics.median(seconds[1:]), sync_times=seconds, mb_written=written / 2**20)
     elif arm.startswith("train"):
         times = step_timer()
         settings = dict(output_dir=str(work / f"{arm}-run"), max_steps=args.steps, per_device_train_batch_size=args.batch,
@@ -243,12 +268,22 @@ def main():
             for arm in ROLLOUT_ARMS:
                 if arm in chosen:
                     results[arm] = run_child(args, arm, server.url, work)
+    if any(arm in chosen for arm in SYNC_ARMS):
+        student_dir = work / "student"
+        save_student(args, student_dir)
+        with LocalVLLMServer(args.vllm_python, str(student_dir), name="student", max_model_len=32 + args.new + 8,
+                             log_file=str(work / "vllm-lora.log"), extra_args=("--enable-lora", "--max-lora-rank", "16"),
+                             env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}) as server:
+            for arm in SYNC_ARMS:
+                if arm in chosen:
+                    results[arm] = run_child(args, arm, server.url, work)
     pairs = {
         "served_step_over_cached_step": ("train-served", "train-cached", "s_per_step"),
         "served_step_over_live_step": ("train-served", "train-live", "s_per_step"),
         "cache_served_over_local_tokens_per_s": ("cache-served", "cache-local", "tokens_per_s"),
         "generate_served_over_hf_tokens_per_s": ("generate-served", "generate-hf", "tokens_per_s"),
         "onpolicy_vllm_step_over_hf_step": ("onpolicy-vllm", "onpolicy-hf", "s_per_step"),
+        "sync_adapters_over_merged_seconds": ("sync-adapters", "sync-merged", "s_per_sync"),
     }
     ratios = {name: results[a][key] / results[b][key] for name, (a, b, key) in pairs.items()
               if a in results and b in results}
@@ -276,7 +311,7 @@ def run_child(args, arm: str, url: str, work: Path) -> dict:
     if done.returncode or not lines:
         sys.exit(f"arm {arm} failed:\n{done.stderr[-3000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    print(arm, {k: v for k, v in result.items() if k not in ("step_times", "kd_loss")}, flush=True)
+    print(arm, {k: v for k, v in result.items() if k not in ("step_times", "kd_loss", "sync_times")}, flush=True)
     return result
 
 
