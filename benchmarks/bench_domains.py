@@ -68,7 +68,7 @@ def recipe_settings() -> dict:
 
     recipe = recipe_file()
     names = {f.name for f in dataclasses.fields(DistillationConfig)}
-    skip = {"output_dir", "teacher_model_name_or_path", "logging_steps", "save_strategy", "eval_strategy", "report_to", "seed", "max_steps",
+    skip = {"output_dir", "teacher_model_name_or_path", "logging_steps", "save_strategy", "eval_strategy", "eval_steps", "report_to", "seed", "max_steps",
             "per_device_train_batch_size"}
     settings = {k: v for k, v in recipe.items() if k in names and k not in skip}
     settings["calibration_rows"] = recipe.get("calibration_rows", 16)

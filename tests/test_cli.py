@@ -392,12 +392,15 @@ def test_lm_from_teacher_recipe(tmp_path, deep_teacher_dir, capsys):
     code = main([
         "train", str(REPO / "recipes" / "lm_from_teacher.yaml"), "--teacher_model_name_or_path", str(deep_teacher_dir),
         "--dataset_name", DATA, "--student_num_layers", "2", "--max_length", "32", "--max_train_samples", "200",
-        "--output_dir", str(out), *FAST,
+        "--output_dir", str(out), *FAST, "--eval_strategy", "steps", "--eval_steps", "1",  # as the recipe evaluates
     ])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| teacher |" in printed and "| distilled |" in printed and "| baseline (no teacher) |" in printed
     report = json.loads((out / "report.json").read_text())
+    # Both runs evaluated at each step: the report says when the distilled student reached the baseline's last loss.
+    assert report["steps_to_baseline"] == "never" or 0 < report["steps_to_baseline"] <= 1
+    assert "Steps to baseline: the distilled student reached the baseline's final held-out loss" in printed
     assert "2 of the teacher's 6 layers" in report["student"] and "block influence" in report["student"]
     rows = {row["model"]: row for row in report["rows"]}
     assert rows["distilled"]["layers"] == 2 and rows["distilled"]["size_vs_teacher"] < 1

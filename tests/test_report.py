@@ -8,7 +8,15 @@ import pytest
 import yaml
 
 from hf_distill.model_card import distillation_model_card
-from hf_distill.runner.report import _curves, comparison_table, format_value, gap_closed, results_table, write_report
+from hf_distill.runner.report import (
+    _curves,
+    comparison_table,
+    format_value,
+    gap_closed,
+    results_table,
+    steps_to_baseline,
+    write_report,
+)
 
 
 def model_card(info, table=None):
@@ -77,6 +85,31 @@ def test_gap_closed_per_metric_in_the_right_direction():
     assert gap_closed(worse)["perplexity"] == pytest.approx(-0.4)  # below the baseline: negative
     assert gap_closed(rows[:2]) == {} and results_table(rows[:2]) == comparison_table(rows[:2])  # no baseline row
     assert gap_closed([dict(rows[0], model="teacher (own tokenizer)"), *rows[1:]]) == {}
+
+
+def evaluations(key, losses, **extra):
+    return [{key: loss, "step": 10 * (i + 1), **extra} for i, loss in enumerate(losses)]
+
+
+def test_steps_to_baseline_reads_held_out_ce_and_interpolates(tmp_path):
+    baseline = evaluations("eval_loss", [5.0, 4.0, 3.5, 3.2])  # plain CE: it logs no KD term; 40 steps, ends at 3.2
+    # The distilled run's eval_loss blends KD and CE (here far lower): only its eval_ce_loss counts.
+    distilled = [dict(entry, eval_loss=1.0, eval_kd_loss=0.5)
+                 for entry in evaluations("eval_ce_loss", [4.5, 3.6, 3.0, 2.8])]
+    histories = {"distilled": distilled, "baseline (no teacher)": baseline}
+    # 3.6 at step 20, 3.0 at step 30: 3.2 is reached at 20 + 10 · 0.4 / 0.6 = 26.67 of the baseline's 40 steps.
+    assert steps_to_baseline(histories) == pytest.approx((20 + 10 * 0.4 / 0.6) / 40)
+    table = results_table(ROWS, histories)
+    assert "Steps to baseline: the distilled student reached the baseline's final held-out loss after 67% of" in table
+    slow = {"distilled": evaluations("eval_ce_loss", [4.5, 3.6, 3.3, 3.25], eval_kd_loss=0.5), **{
+        "baseline (no teacher)": baseline}}
+    assert steps_to_baseline(slow) == float("inf") and "not within its run" in results_table(ROWS, slow)
+    report = json.loads(write_report(ROWS, slow, tmp_path)["json"].read_text())
+    assert report["steps_to_baseline"] == "never"
+    first = {"distilled": evaluations("eval_ce_loss", [3.1]), "baseline (no teacher)": baseline}
+    assert steps_to_baseline(first) == pytest.approx(10 / 40)  # at its first evaluation already
+    unevaluated = {"distilled": history(), "baseline (no teacher)": [{"loss": 3.0, "step": 10}]}
+    assert steps_to_baseline(unevaluated) is None and results_table(ROWS, unevaluated) == results_table(ROWS)
 
 
 def test_format_value():

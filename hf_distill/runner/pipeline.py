@@ -259,8 +259,8 @@ def evaluate_students(run: RecipeRun) -> None:
 def write_run_report(run: RecipeRun):
     """The comparison table, the report files and samples.json in `output_dir`; returns (table, report paths)."""
     recipe, config, splits = run.recipe, run.config, run.splits
-    table = results_table(run.rows)
     histories = {name: trainer.state.log_history for name, (_, trainer, _) in run.runs.items()}
+    table = results_table(run.rows, histories)
     paths = write_report(run.rows, histories, config.output_dir, title=f"Distillation report: {recipe.task}",
                          student=describe_student(run.student))
     with open(os.path.join(config.output_dir, "samples.json"), "w", encoding="utf-8") as handle:

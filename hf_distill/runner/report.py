@@ -141,14 +141,55 @@ def gap_closed(rows: list[dict]) -> dict[str, float]:
     return closed
 
 
-def results_table(rows: list[dict]) -> str:
-    """The comparison table, and under it the gap the distilled student closes where the rows allow it."""
+def held_out_losses(history: list[dict]) -> list[tuple[int, float]]:
+    """(step, held-out CE) of a run's evaluations: `eval_ce_loss`, or `eval_loss` where the run logs no KD term
+    (then it is plain CE)."""
+    points = {key: [(entry["step"], float(entry[key])) for entry in history or []
+                    if entry.get("step") is not None and _is_number(entry.get(key)) and math.isfinite(float(entry[key]))]
+              for key in ("eval_ce_loss", "eval_loss")}
+    distilled = any("eval_kd_loss" in entry or "kd_loss" in entry for entry in history or [])
+    return points["eval_ce_loss"] or ([] if distilled else points["eval_loss"])
+
+
+def steps_to_baseline(histories: dict[str, list[dict]]) -> float | None:
+    """The fraction of the baseline's steps after which the distilled student's held-out CE first reaches the
+    baseline's last one (linear between evaluations, from the start of training); inf if it never does in its run,
+    None without evaluations of both runs."""
+    distilled = held_out_losses(histories.get(DISTILLED_ROW))
+    baseline = held_out_losses(histories.get(BASELINE_ROW))
+    if not distilled or not baseline:
+        return None
+    (steps, target), previous = baseline[-1], None
+    for step, loss in distilled:
+        if loss <= target:
+            if previous is None:
+                return step / steps
+            (s0, l0) = previous
+            return (s0 + (l0 - target) / (l0 - loss) * (step - s0)) / steps
+        previous = (step, loss)
+    return math.inf
+
+
+def _reached(fraction: float | None) -> float | str | None:
+    return "never" if fraction == math.inf else fraction
+
+
+def results_table(rows: list[dict], histories: dict[str, list[dict]] | None = None) -> str:
+    """The comparison table, and under it the gap the distilled student closes where the rows allow it, and (with
+    the runs' histories, when both evaluated during training) how soon it reached the baseline."""
+    lines = [comparison_table(rows)]
     closed = gap_closed(rows)
-    if not closed:
-        return comparison_table(rows)
-    shares = ", ".join(f"{100 * share:.0f}% on {metric}" for metric, share in closed.items())
-    return (f"{comparison_table(rows)}\n\nGap closed: the distilled student closes {shares} of the gap between the "
-            "baseline (no teacher) and the teacher (100% = the teacher's score, 0% = the baseline's).")
+    if closed:
+        shares = ", ".join(f"{100 * share:.0f}% on {metric}" for metric, share in closed.items())
+        lines.append(f"Gap closed: the distilled student closes {shares} of the gap between the baseline (no teacher) "
+                     "and the teacher (100% = the teacher's score, 0% = the baseline's).")
+    fraction = steps_to_baseline(histories or {})
+    if fraction is not None:
+        reached = (f"after {100 * fraction:.0f}% of the baseline's steps" if math.isfinite(fraction)
+                   else "not within its run")
+        lines.append(f"Steps to baseline: the distilled student reached the baseline's final held-out loss {reached} "
+                     "(from the evaluations during training; fewer is better).")
+    return "\n\n".join(lines)
 
 
 # ---- report files -----------------------------------------------------------------------------------------
@@ -246,7 +287,7 @@ def write_report(
     sections = [
         f"# {title}",
         *([f"Student: {student}."] if student else []),
-        results_table(rows) if rows else "_No models were evaluated._",
+        results_table(rows, histories) if rows else "_No models were evaluated._",
         "## Notes\n\n" + "\n".join(notes),
     ]
     if curves is not None:
@@ -255,7 +296,7 @@ def write_report(
 
     with open(paths["json"], "w", encoding="utf-8") as handle:
         report = _jsonable({"title": title, "student": student, "rows": rows, "gap_closed": gap_closed(rows),
-                            "histories": histories})
+                            "steps_to_baseline": _reached(steps_to_baseline(histories)), "histories": histories})
         json.dump(report, handle, indent=2, ensure_ascii=False)
     logger.info(f"Wrote the report to {out_dir}.")
     return paths
