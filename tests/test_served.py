@@ -444,7 +444,8 @@ def test_a_rollout_server_without_lora_routes_is_a_clear_error_with_vllm_sync_ad
 ])
 def test_vllm_sync_adapters_needs_a_lora_student_with_all_its_training_in_adapters(tokenizer, tmp_path, student,
                                                                                    message):
-    model = lora_student(tokenizer) if student == "modules_to_save" else small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)
+    plain = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)
+    model = lora_student(tokenizer) if student == "modules_to_save" else plain
     args = config(tmp_path, lmbda=1.0, use_vllm=True, vllm_server_base_url="http://127.0.0.1:9",
                   vllm_sync_adapters=True)
     with pytest.raises(ValueError, match=f"vllm_sync_adapters=True.*{message}.*set vllm_sync_adapters=False"):
@@ -584,7 +585,7 @@ def test_use_vllm_sends_a_lora_students_adapters_alone(served, lora_served, toke
         ids, logprobs = adapter.top_k_logprobs([row])[0]
         np.testing.assert_allclose(logprobs, expected[1].values.numpy(), atol=2e-4)
         assert (ids == expected[1].indices.numpy()).mean() > 0.95
-        base_ids, base_logprobs = client(url).top_k_logprobs([row])[0]  # the base model, as it started
+        _, base_logprobs = client(url).top_k_logprobs([row])[0]  # the base model, as it started
         np.testing.assert_allclose(base_logprobs, local_top_k(teacher, row, TOP_K).values.numpy(), atol=2e-4)
     finally:
         adapter.request("POST", "/v1/unload_lora_adapter", {"lora_name": RolloutServer.adapter}, text=True)
