@@ -142,13 +142,9 @@ def gap_closed(rows: list[dict]) -> dict[str, float]:
 
 
 def held_out_losses(history: list[dict]) -> list[tuple[int, float]]:
-    """(step, held-out CE) of a run's evaluations: `eval_ce_loss`, or `eval_loss` where the run logs no KD term
-    (then it is plain CE)."""
-    points = {key: [(entry["step"], float(entry[key])) for entry in history or []
-                    if entry.get("step") is not None and _is_number(entry.get(key)) and math.isfinite(float(entry[key]))]
-              for key in ("eval_ce_loss", "eval_loss")}
-    distilled = any("eval_kd_loss" in entry or "kd_loss" in entry for entry in history or [])
-    return points["eval_ce_loss"] or ([] if distilled else points["eval_loss"])
+    """(step, held-out CE) of a run's evaluations, as the held-out CE panel of the curves reads them."""
+    steps, values = _curves({"run": history}).get("eval_ce_loss", {}).get("run", ([], []))
+    return list(zip(steps, values))
 
 
 def steps_to_baseline(histories: dict[str, list[dict]]) -> float | None:
