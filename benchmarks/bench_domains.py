@@ -16,7 +16,9 @@ teacher's fine-tuning). Each split is tokenized, joined with EOS and packed into
 Student: 10 of the teacher's 30 layers, pruned from the regime's teacher by block influence on 16 training blocks
 (the recipe's `student_num_layers`/`calibration_rows`). Arms:
 - `twin`: the same student, data order and steps without a teacher (alpha 0, no hidden-state term) at the
-  recipe's baseline_learning_rate (its own best, 1e-3; --set twin:learning_rate=... overrides);
+  recipe's baseline_learning_rate (its own best, 1e-3; --set twin:learning_rate=... overrides); any arm named
+  `twin...` is one (`--arms twin15,s15 --set twin15:student_num_layers=15 --set s15:student_num_layers=15`: another
+  student depth, each arm compared with the twin of its own depth);
 - `recipe`: the settings of recipes/lm_from_teacher.yaml, read from the file (what a user gets);
 - any other name: the recipe's settings with --set ARM:KEY=VALUE on top.
 Training: STEPS optimizer steps of 8 blocks (the recipe's max_steps by default, 120 x 8 x 128; 60 steps stay under
@@ -99,7 +101,7 @@ def parse_args():
 
 def arm_settings(name: str, overrides: list[str]) -> dict:
     settings = recipe_settings()
-    if name == "twin":
+    if name.startswith("twin"):  # `twin15 --set twin15:student_num_layers=15`: the twin of another student
         # Its own best learning rate, as the recipe's baseline trains: 1e-3 beat 2e-3 on all three domains (RESULTS §10).
         rate = recipe_file().get("baseline_learning_rate") or settings["learning_rate"]
         settings.update(alpha=0.0, hidden_loss_weight=0.0, attention_loss_weight=0.0, learning_rate=rate)
@@ -252,11 +254,13 @@ def main():
 
 def print_table(rows):
     """Per domain, regime and arm: medians over seeds [min, max] of ppl, gap closed and steps-to-baseline."""
-    twins = {(r["domain"], r["regime"], r["seed"], r["steps"]): r for r in rows if r["arm"] == "twin"}
+    # Each arm against the no-teacher twin of the same student (depth), data, seed and budget.
+    key = lambda r: (r["domain"], r["regime"], r["seed"], r["steps"], len(r["layers"]))  # noqa: E731
+    twins = {key(r): r for r in rows if r["arm"].startswith("twin")}
     groups = {}
     for r in rows:
-        twin = twins.get((r["domain"], r["regime"], r["seed"], r["steps"]))
-        if r["arm"] == "twin" or twin is None:
+        twin = twins.get(key(r))
+        if r["arm"].startswith("twin") or twin is None:
             continue
         best = min(p for _, p in twin["curve"])
         groups.setdefault((r["domain"], r["regime"], r["arm"], r["steps"]), []).append({
