@@ -99,9 +99,14 @@ def parse_args():
     return parser.parse_args()
 
 
+def is_twin(arm: str) -> bool:
+    """A no-teacher twin: `twin`, or `twin15 --set twin15:student_num_layers=15` for another student."""
+    return arm.startswith("twin")
+
+
 def arm_settings(name: str, overrides: list[str]) -> dict:
     settings = recipe_settings()
-    if name.startswith("twin"):  # `twin15 --set twin15:student_num_layers=15`: the twin of another student
+    if is_twin(name):
         # Its own best learning rate, as the recipe's baseline trains: 1e-3 beat 2e-3 on all three domains (RESULTS §10).
         rate = recipe_file().get("baseline_learning_rate") or settings["learning_rate"]
         settings.update(alpha=0.0, hidden_loss_weight=0.0, attention_loss_weight=0.0, learning_rate=rate)
@@ -256,11 +261,11 @@ def print_table(rows):
     """Per domain, regime and arm: medians over seeds [min, max] of ppl, gap closed and steps-to-baseline."""
     # Each arm against the no-teacher twin of the same student (depth), data, seed and budget.
     key = lambda r: (r["domain"], r["regime"], r["seed"], r["steps"], len(r["layers"]))  # noqa: E731
-    twins = {key(r): r for r in rows if r["arm"].startswith("twin")}
+    twins = {key(r): r for r in rows if is_twin(r["arm"])}
     groups = {}
     for r in rows:
         twin = twins.get(key(r))
-        if r["arm"].startswith("twin") or twin is None:
+        if is_twin(r["arm"]) or twin is None:
             continue
         best = min(p for _, p in twin["curve"])
         groups.setdefault((r["domain"], r["regime"], r["arm"], r["steps"]), []).append({

@@ -444,8 +444,10 @@ def test_a_rollout_server_without_lora_routes_is_a_clear_error_with_vllm_sync_ad
 ])
 def test_vllm_sync_adapters_needs_a_lora_student_with_all_its_training_in_adapters(tokenizer, tmp_path, student,
                                                                                    message):
-    plain = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)
-    model = lora_student(tokenizer) if student == "modules_to_save" else plain
+    if student == "modules_to_save":
+        model = lora_student(tokenizer)
+    else:
+        model = small_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=1)
     args = config(tmp_path, lmbda=1.0, use_vllm=True, vllm_server_base_url="http://127.0.0.1:9",
                   vllm_sync_adapters=True)
     with pytest.raises(ValueError, match=f"vllm_sync_adapters=True.*{message}.*set vllm_sync_adapters=False"):
