@@ -26,8 +26,9 @@ Each arm runs in its own process (its peak RSS is its own), one at a time, the s
    on every attention and MLP projection, adapters moved off zero) is sent to it STEPS times, `sync-merged` with its
    adapters merged into whole weights (what `use_vllm` sends by default), `sync-adapters` its adapters alone
    (`vllm_sync_adapters`). Median seconds per send (save + the server's reload), and the bytes written.
-Ratios are printed side by side; rows append to benchmarks/results/served.jsonl. On this machine the server and
-the trainer share the same 2 cores: the served step pays for the teacher's forward on them too.
+Ratios are printed side by side; rows append to benchmarks/results/served.jsonl. By default the server and the
+trainer share the machine's cores, so the served step pays for the teacher's forward on them too; `--server-cpus 0
+--trainer-cpus 1 --threads 1` gives each a core of its own, as a server on its own GPU would have.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def parse_args(argv=None):
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--student-layers", type=int, default=10)
     parser.add_argument("--new", type=int, default=64, help="generated tokens per prompt")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="the training process's torch threads")
+    parser.add_argument("--trainer-cpus", help="cores of each arm's process, e.g. 1 (default: any)")
+    parser.add_argument("--server-cpus", help="cores of the vLLM servers, e.g. 0 (default: vLLM's own binding)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--arm", choices=ARMS + ROLLOUT_ARMS + SYNC_ARMS, help=argparse.SUPPRESS)  # one arm, in a child process
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -88,6 +91,10 @@ def rows(tokenizer, count, seq):
                 break
     blocks = [ids[i * seq:(i + 1) * seq] for i in range(count)]
     return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * seq] * count, "labels": blocks})
+
+
+def cpu_list(text: str) -> list[int]:
+    return [int(core) for core in text.split(",")]
 
 
 def student(teacher_dir, layers):
@@ -128,6 +135,8 @@ def run_arm(args) -> dict:
     from hf_distill.cache import build_cache
     from hf_distill.served import TeacherServer
 
+    if args.trainer_cpus:
+        os.sched_setaffinity(0, cpu_list(args.trainer_cpus))
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -251,11 +260,12 @@ def main():
     if "train-cached" in chosen and "cache-local" not in chosen:
         sys.exit("--arms: train-cached trains from cache-local's cache; run both")
     results = {}
+    cpus = cpu_list(args.server_cpus) if args.server_cpus else None
     log = work / "vllm.log"
     started = time.perf_counter()
     if any(arm in chosen for arm in ARMS):
         with LocalVLLMServer(args.vllm_python, args.model_dir, name="teacher", max_logprobs=max(args.top_k, 20),
-                             max_model_len=max(args.seq, 32 + args.new) + 8, log_file=str(log)) as server:
+                             max_model_len=max(args.seq, 32 + args.new) + 8, log_file=str(log), cpus=cpus) as server:
             print(f"vLLM ready at {server.url} after {time.perf_counter() - started:.0f} s (log: {log})", flush=True)
             for arm in ARMS:
                 if arm in chosen:
@@ -264,7 +274,8 @@ def main():
         student_dir = work / "student"
         save_student(args, student_dir)
         with LocalVLLMServer(args.vllm_python, str(student_dir), name="student", max_model_len=32 + args.new + 8,
-                             log_file=str(work / "vllm-student.log"), env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
+                             log_file=str(work / "vllm-student.log"), env={"VLLM_SERVER_DEV_MODE": "1"},
+                             cpus=cpus) as server:
             for arm in ROLLOUT_ARMS:
                 if arm in chosen:
                     results[arm] = run_child(args, arm, server.url, work)
@@ -273,7 +284,8 @@ def main():
         save_student(args, student_dir)
         with LocalVLLMServer(args.vllm_python, str(student_dir), name="student", max_model_len=32 + args.new + 8,
                              log_file=str(work / "vllm-lora.log"), extra_args=("--enable-lora", "--max-lora-rank", "16"),
-                             env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}) as server:
+                             env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+                             cpus=cpus) as server:
             for arm in SYNC_ARMS:
                 if arm in chosen:
                     results[arm] = run_child(args, arm, server.url, work)
@@ -306,6 +318,8 @@ def run_child(args, arm: str, url: str, work: Path) -> dict:
                "--model-dir", args.model_dir, "--rows", str(args.rows), "--seq", str(args.seq),
                "--batch", str(args.batch), "--steps", str(args.steps), "--top-k", str(args.top_k),
                "--student-layers", str(args.student_layers), "--new", str(args.new), "--threads", str(args.threads)]
+    if args.trainer_cpus:
+        command += ["--trainer-cpus", args.trainer_cpus]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:

@@ -250,7 +250,8 @@ def build_cache(
             batch = {k: v.to(device) for k, v in batch.items()}
             _, _, kd_mask = target_positions(batch["labels"], batch["attention_mask"], CAUSAL, distill_all_tokens)
             if served:
-                ids, logprobs, lse = (add_served_targets(batch, teacher, distill_all_tokens)[c] for c in CACHE_COLUMNS)
+                answered = add_served_targets(batch, teacher, distill_all_tokens)  # one request a batch
+                ids, logprobs, lse = (answered[column] for column in CACHE_COLUMNS)
             else:
                 logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[kd_mask]
                 ids, logprobs, lse = top_k_entries(logits, settings.top_k, temperature)

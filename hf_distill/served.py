@@ -424,11 +424,14 @@ class LocalVLLMServer:
 
         with LocalVLLMServer(".vllm-venv/bin/python", "path/to/teacher", name="teacher") as server:
             config = DistillationConfig(..., teacher_server_url=server.url, teacher_server_model="teacher")
+
+    On one machine, `cpus` keeps the server (and its model's threads) on those cores: give the trainer the others
+    (`os.sched_setaffinity`, `torch.set_num_threads`), or the two compete for the same cores.
     """
 
     def __init__(self, python: str, model_dir: str, name: str = "teacher", port: int | None = None,
                  max_model_len: int = 512, max_logprobs: int = 64, dtype: str = "float32", log_file: str | None = None,
-                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None, cpus: list[int] | None = None):
         self.python, self.model_dir, self.name = python, model_dir, name
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -437,6 +440,9 @@ class LocalVLLMServer:
                      str(max_logprobs), "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
         # vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); small models need little.
         self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+        self.cpus = sorted(cpus) if cpus else None
+        if self.cpus:
+            self.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.cpus))
         self.log_file = log_file
         self.process = None
 
@@ -446,7 +452,9 @@ class LocalVLLMServer:
         import requests
 
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.process = subprocess.Popen([self.python, *self.args], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        pin = (lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None
+        self.process = subprocess.Popen([self.python, *self.args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                        preexec_fn=pin)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -74,14 +74,16 @@ def lora_served(served, tmp_path_factory):
     (Not the teacher's: vLLM 0.32's CPU build fails prompt log-probs of several rows at once with --enable-lora.)"""
     _, _, folder = served
     log = tmp_path_factory.mktemp("lora") / "vllm.log"
+    # Kept on one core (the last): the `cpus` option a trainer uses to keep a server off its own cores.
+    core = max(os.sched_getaffinity(0))
     server = LocalVLLMServer(VLLM_PYTHON, str(folder), name=NAME, max_model_len=MAX_MODEL_LEN, log_file=str(log),
                              extra_args=("--enable-lora", "--max-lora-rank", "8"),
-                             env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+                             env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, cpus=[core])
     try:
         server.start()
     except ServerError as error:
         pytest.fail(f"{error}\n{log.read_text(errors='replace')[-3000:]}")
-    yield server.url
+    yield server.url, server.process.pid, core
     server.stop()
 
 
@@ -139,7 +141,11 @@ def test_cache_from_the_server_matches_the_cache_built_here(served, tokenizer, t
     url, teacher, _ = served
     rows = prompt_response_dataset(tokenizer, n=12)
     local = build_cache(teacher, rows, tokenizer, tmp_path / "local", top_k=TOP_K)
-    remote = build_cache(client(url), rows, tokenizer, tmp_path / "served", top_k=TOP_K)
+    server, asked = client(url), []
+    ask = server.top_k_logprobs
+    server.top_k_logprobs = lambda batch: asked.append(len(batch)) or ask(batch)
+    remote = build_cache(server, rows, tokenizer, tmp_path / "served", top_k=TOP_K, batch_size=8)
+    assert asked == [8, 4]  # one request a batch, each row once
     info = [json.loads((path / "cache_info.json").read_text()) for path in (local, remote)]
     assert info[0]["dataset"] == info[1]["dataset"] and info[0]["tokenizer"] == info[1]["tokenizer"]
     assert info[0]["settings"] == info[1]["settings"]
@@ -561,7 +567,11 @@ def test_use_vllm_sends_a_lora_students_adapters_alone(served, lora_served, toke
     from peft import LoraConfig, get_peft_model
 
     _, teacher, _ = served
-    url = lora_served
+    url, pid, core = lora_served
+    import psutil
+
+    server = psutil.Process(pid)  # `cpus`: the server and every process it started stay on the core given
+    assert {tuple(process.cpu_affinity()) for process in [server, *server.children(recursive=True)]} == {(core,)}
     base = small_llama(len(tokenizer), hidden_size=128, num_layers=2, seed=0, num_attention_heads=2,
                        num_key_value_heads=2)
     sharpen(base, 5.0)  # the served teacher's weights: the server's base is the student's base
