@@ -26,6 +26,10 @@ Each arm runs in its own process (its peak RSS is its own), one at a time, the s
    on every attention and MLP projection, adapters moved off zero) is sent to it STEPS times, `sync-merged` with its
    adapters merged into whole weights (what `use_vllm` sends by default), `sync-adapters` its adapters alone
    (`vllm_sync_adapters`). Median seconds per send (save + the server's reload), and the bytes written.
+6. With no server: `generate-colocate`, the teacher's answers of 3. from a vLLM engine inside the arm's process, and
+   `onpolicy-colocate`, the steps of 4. with `use_vllm` and `vllm_mode="colocate"` (the student's engine in the
+   training process, handed its weights in memory every step). These run with --vllm-python, where vLLM imports (and
+   hf_distill is installed: `.ci/run` does it).
 Ratios are printed side by side; rows append to benchmarks/results/served.jsonl. By default the server and the
 trainer share the machine's cores, so the served step pays for the teacher's forward on them too; `--server-cpus 0
 --trainer-cpus 1 --threads 1` gives each a core of its own, as a server on its own GPU would have.
@@ -34,6 +38,7 @@ trainer share the machine's cores, so the served step pays for the teacher's for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -52,6 +57,8 @@ RESULTS = HERE / "results" / "served.jsonl"
 ARMS = ("cache-local", "cache-served", "train-cached", "train-served", "train-live", "generate-hf", "generate-served")
 ROLLOUT_ARMS = ("onpolicy-hf", "onpolicy-vllm")  # with a second server, holding the student
 SYNC_ARMS = ("sync-merged", "sync-adapters")  # with a third, holding the student and taking LoRA adapters
+SERVED = {"cache-served", "train-served", "generate-served", "onpolicy-vllm"}  # the arms that ask a server
+COLOCATE_ARMS = ("generate-colocate", "onpolicy-colocate")  # vLLM inside the arm's process: run by --vllm-python
 
 
 def parse_args(argv=None):
@@ -69,10 +76,11 @@ def parse_args(argv=None):
     parser.add_argument("--trainer-cpus", help="cores of each arm's process, e.g. 1 (default: any)")
     parser.add_argument("--server-cpus", help="cores of the vLLM servers, e.g. 0 (default: vLLM's own binding)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--arm", choices=ARMS + ROLLOUT_ARMS + SYNC_ARMS, help=argparse.SUPPRESS)  # one arm, in a child process
+    parser.add_argument("--arm", choices=ARMS + ROLLOUT_ARMS + SYNC_ARMS + COLOCATE_ARMS, help=argparse.SUPPRESS)  # one arm, in a child process
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--arms", default=",".join(ARMS + ROLLOUT_ARMS + SYNC_ARMS), help="the arms to run (ratios need pairs)")
+    parser.add_argument("--arms", default=",".join(ARMS + ROLLOUT_ARMS + SYNC_ARMS + COLOCATE_ARMS),
+                        help="the arms to run (ratios need pairs)")
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args(argv)
 
@@ -168,6 +176,8 @@ def run_arm(args) -> dict:
                         dataloader_pin_memory=False, seed=0)
         if arm == "onpolicy-vllm":
             settings.update(use_vllm=True, vllm_server_base_url=args.url)
+        elif arm == "onpolicy-colocate":
+            settings.update(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=32 + args.new + 8)
         trainer = DistillationTrainer(model=student(args.model_dir, args.student_layers),
                                       teacher_model=AutoModelForCausalLM.from_pretrained(args.model_dir),
                                       args=DistillationConfig(**settings), train_dataset=rows_,
@@ -220,6 +230,14 @@ def run_arm(args) -> dict:
 
             def generate():
                 return server.generate(prompts, args.new, greedy=True)
+        elif arm == "generate-colocate":
+            from hf_distill.colocated import ColocatedRollouts
+
+            engine = ColocatedRollouts(AutoModelForCausalLM.from_pretrained(args.model_dir), tokenizer,
+                                       str(work / "colocated-teacher"), 32 + args.new + 8)
+
+            def generate():
+                return engine.generate(prompts, args.new, greedy=True)
         else:
             teacher = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
 
@@ -263,22 +281,27 @@ def main():
     cpus = cpu_list(args.server_cpus) if args.server_cpus else None
     log = work / "vllm.log"
     started = time.perf_counter()
+    # A server is up only while arms that ask it run: the in-process arms run with no server beside them.
     if any(arm in chosen for arm in ARMS):
+        served = SERVED & set(chosen)
         with LocalVLLMServer(args.vllm_python, args.model_dir, name="teacher", max_logprobs=max(args.top_k, 20),
-                             max_model_len=max(args.seq, 32 + args.new) + 8, log_file=str(log), cpus=cpus) as server:
-            print(f"vLLM ready at {server.url} after {time.perf_counter() - started:.0f} s (log: {log})", flush=True)
+                             max_model_len=max(args.seq, 32 + args.new) + 8, log_file=str(log),
+                             cpus=cpus) if served else contextlib.nullcontext() as server:
+            if served:
+                print(f"vLLM ready at {server.url} after {time.perf_counter() - started:.0f} s (log: {log})", flush=True)
             for arm in ARMS:
                 if arm in chosen:
-                    results[arm] = run_child(args, arm, server.url, work)
+                    results[arm] = run_child(args, arm, server.url if arm in SERVED else None, work)
     if any(arm in chosen for arm in ROLLOUT_ARMS):
         student_dir = work / "student"
         save_student(args, student_dir)
+        served = SERVED & set(chosen)
         with LocalVLLMServer(args.vllm_python, str(student_dir), name="student", max_model_len=32 + args.new + 8,
                              log_file=str(work / "vllm-student.log"), env={"VLLM_SERVER_DEV_MODE": "1"},
-                             cpus=cpus) as server:
+                             cpus=cpus) if served else contextlib.nullcontext() as server:
             for arm in ROLLOUT_ARMS:
                 if arm in chosen:
-                    results[arm] = run_child(args, arm, server.url, work)
+                    results[arm] = run_child(args, arm, server.url if arm in SERVED else None, work)
     if any(arm in chosen for arm in SYNC_ARMS):
         student_dir = work / "student"
         save_student(args, student_dir)
@@ -289,12 +312,17 @@ def main():
             for arm in SYNC_ARMS:
                 if arm in chosen:
                     results[arm] = run_child(args, arm, server.url, work)
+    for arm in COLOCATE_ARMS:
+        if arm in chosen:
+            results[arm] = run_child(args, arm, None, work, python=args.vllm_python)
     pairs = {
         "served_step_over_cached_step": ("train-served", "train-cached", "s_per_step"),
         "served_step_over_live_step": ("train-served", "train-live", "s_per_step"),
         "cache_served_over_local_tokens_per_s": ("cache-served", "cache-local", "tokens_per_s"),
         "generate_served_over_hf_tokens_per_s": ("generate-served", "generate-hf", "tokens_per_s"),
         "onpolicy_vllm_step_over_hf_step": ("onpolicy-vllm", "onpolicy-hf", "s_per_step"),
+        "generate_colocate_over_hf_tokens_per_s": ("generate-colocate", "generate-hf", "tokens_per_s"),
+        "onpolicy_colocate_step_over_hf_step": ("onpolicy-colocate", "onpolicy-hf", "s_per_step"),
         "sync_adapters_over_merged_seconds": ("sync-adapters", "sync-merged", "s_per_sync"),
     }
     ratios = {name: results[a][key] / results[b][key] for name, (a, b, key) in pairs.items()
@@ -313,8 +341,8 @@ def main():
         handle.write(json.dumps(row) + "\n")
 
 
-def run_child(args, arm: str, url: str, work: Path) -> dict:
-    command = [sys.executable, __file__, "--arm", arm, "--url", url, "--work", str(work),
+def run_child(args, arm: str, url: str | None, work: Path, python: str = sys.executable) -> dict:
+    command = [python, __file__, "--arm", arm, *(["--url", url] if url else []), "--work", str(work),
                "--model-dir", args.model_dir, "--rows", str(args.rows), "--seq", str(args.seq),
                "--batch", str(args.batch), "--steps", str(args.steps), "--top-k", str(args.top_k),
                "--student-layers", str(args.student_layers), "--new", str(args.new), "--threads", str(args.threads)]

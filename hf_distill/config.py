@@ -280,8 +280,18 @@ class DistillationConfig(TrainingArguments):
     )
     vllm_mode: str = field(
         default="server",
-        metadata={"help": "use_vllm: 'server' (a vLLM server at vllm_server_base_url). 'colocate' (vLLM inside the "
-                  "training process) is not built yet.", "choices": ["server", "colocate"]},
+        metadata={"help": "use_vllm: 'server' (a vLLM server at vllm_server_base_url) or 'colocate' (a vLLM engine "
+                  "inside the training process, handed the weights in memory; one process, vLLM must import there).",
+                  "choices": ["server", "colocate"]},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={"help": "vllm_mode='colocate' on a GPU: the share of its memory the engine may take next to training."},
+    )
+    vllm_max_model_length: int | None = field(
+        default=None,
+        metadata={"help": "vllm_mode='colocate': the longest prompt + response the engine holds. Default: the "
+                  "student's position limit, at most 4096."},
     )
     vllm_server_base_url: str | None = field(
         default=None,
@@ -481,15 +491,25 @@ class DistillationConfig(TrainingArguments):
         if self.lmbda == 0:
             raise ValueError("use_vllm=True generates the student's on-policy responses, but lmbda=0 trains on none; "
                              "set lmbda > 0 or drop use_vllm.")
-        if self.vllm_mode != "server":
-            raise ValueError(f"vllm_mode={self.vllm_mode!r}: only 'server' is built; start a vLLM server on the "
-                             "student (docs/served_teacher.md) and set vllm_server_base_url.")
-        url = self.vllm_server_base_url
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"use_vllm=True needs vllm_server_base_url, an http(s) URL like http://localhost:8001; "
-                             f"got {url!r}.")
         self._check_whole_number("vllm_sync_interval", 1)
-        self._check_seconds("vllm_server_timeout")
+        if self.vllm_mode == "colocate":
+            given = [name for name in ("vllm_server_base_url", "vllm_sync_adapters") if getattr(self, name)]
+            if given:
+                raise ValueError(f"vllm_mode='colocate' runs vLLM inside the training process; {', '.join(given)} "
+                                 "is for vllm_mode='server'. Drop it, or use vllm_mode='server'.")
+            utilization = self.vllm_gpu_memory_utilization
+            if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
+                raise ValueError(f"vllm_gpu_memory_utilization={utilization!r} must be a share in (0, 1], e.g. 0.3.")
+            if self.vllm_max_model_length is not None:
+                self._check_whole_number("vllm_max_model_length", 2)
+        elif self.vllm_mode == "server":
+            url = self.vllm_server_base_url
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ValueError(f"use_vllm=True needs vllm_server_base_url, an http(s) URL like http://localhost:8001; "
+                                 f"got {url!r}.")
+            self._check_seconds("vllm_server_timeout")
+        else:
+            raise ValueError(f"vllm_mode={self.vllm_mode!r} must be 'server' or 'colocate'.")
         if self.vllm_weights_dir is None:
             self.vllm_weights_dir = os.path.join(self.output_dir or "trainer_output", "vllm-weights")
 

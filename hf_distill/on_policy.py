@@ -180,8 +180,9 @@ class StepResponses:
         max_positions: the fewest positions any model takes (prompt + response must fit), or None.
         synced: the generator is sharded across processes (FSDP, ZeRO-3).
         server: a served teacher (`TeacherServer`), which writes the `seq_kd` responses and scores generated rows.
-        rollouts: the student's vLLM server (`RolloutServer`, `use_vllm`), which writes the on-policy responses
-            after being sent the student's weights (every `vllm_sync_interval` steps).
+        rollouts: the student's copy in vLLM (`use_vllm`: a `RolloutServer`, or `ColocatedRollouts` in this process),
+            which writes the on-policy responses after being sent the student's weights (every `vllm_sync_interval`
+            steps).
         gather_weights: for a sharded student, gathers its whole weights (every process takes part; the main one
             gets them), e.g. `accelerator.get_state_dict`.
     """

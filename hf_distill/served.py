@@ -310,10 +310,18 @@ def served_weights(student, weights: dict[str, torch.Tensor] | None = None) -> t
     return student.get_base_model(), weights
 
 
-def attach_rollouts(args, student, processing_class, synced: bool) -> RolloutServer | None:
-    """The checked `RolloutServer` when `use_vllm` is set, else None."""
+def attach_rollouts(args, student, processing_class, synced: bool):
+    """The checked `RolloutServer` (or, with vllm_mode="colocate", a `ColocatedRollouts`) when `use_vllm` is set,
+    else None."""
     if not args.use_vllm:
         return None
+    if args.vllm_mode == "colocate":
+        if args.world_size > 1:  # vLLM inside a distributed run needs its external-launcher mode, not built here
+            raise ValueError(f"vllm_mode='colocate' runs in one training process; this run has {args.world_size}. "
+                             "Start a vLLM server on the student and use vllm_mode='server'.")
+        from .colocated import ColocatedRollouts
+
+        return ColocatedRollouts.from_config(args, student, processing_class)
     if synced and hasattr(student, "peft_config"):
         raise ValueError("use_vllm: a sharded PEFT student's adapters are not merged for vLLM; train it with DDP, "
                          "merge them first (merge_and_unload) or set use_vllm=False.")

@@ -363,8 +363,14 @@ def test_the_collator_puts_each_selected_position_s_entry_in_order(scripted, tok
         (dict(teacher_server_url=None, use_vllm=True), "use_vllm=True generates the student's on-policy responses, "
          "but lmbda=0"),
         (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0), "use_vllm=True needs vllm_server_base_url"),
-        (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0, vllm_mode="colocate"),
-         "vllm_mode='colocate': only 'server' is built"),
+        (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0, vllm_mode="colocate", vllm_server_base_url="http://h:1"),
+         "vllm_mode='colocate' runs vLLM inside the training process; vllm_server_base_url is for vllm_mode='server'"),
+        (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0, vllm_mode="colocate", vllm_gpu_memory_utilization=1.5),
+         "vllm_gpu_memory_utilization=1.5 must be a share in (0, 1]"),
+        (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0, vllm_mode="colocate", vllm_max_model_length=1),
+         "vllm_max_model_length=1 must be a whole number >= 2"),
+        (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0, vllm_mode="remote"),
+         "vllm_mode='remote' must be 'server' or 'colocate'"),
         (dict(teacher_server_url=None, use_vllm=True, lmbda=1.0, vllm_server_base_url="http://h:1",
               vllm_sync_interval=0), "vllm_sync_interval=0 must be a whole number >= 1"),
         (dict(teacher_server_url=None, vllm_sync_adapters=True), "vllm_sync_adapters=True sends a LoRA student's "
@@ -499,6 +505,38 @@ def test_use_vllm_samples_the_current_student_on_the_server(served, tokenizer, t
                                                       "kwargs": {"weights_path": str(folder)}})
         rollouts.request("POST", "/reset_prefix_cache")
     assert all(np.isfinite(log["kd_loss"]) for log in trainer.state.log_history if "kd_loss" in log)
+
+
+def test_use_vllm_colocate_samples_the_current_student_in_the_training_process(tmp_path):
+    """vllm_mode="colocate": a vLLM engine inside the training process writes the on-policy responses and is handed
+    the student's weights in memory; after training it computes with the weights sent last. Run in vLLM's environment
+    (hf_distill installed there too) by tests/colocated_run.py."""
+    if not os.path.exists(VLLM_PYTHON):
+        pytest.skip(f"vLLM is not installed at {VLLM_PYTHON} (.ci/run installs it; see docs/served_teacher.md)")
+    if subprocess.run([VLLM_PYTHON, "-c", "import hf_distill"], capture_output=True).returncode:
+        pytest.skip(f"hf_distill is not installed next to vLLM in {VLLM_PYTHON} (.ci/run installs it)")
+    done = subprocess.run([VLLM_PYTHON, str(REPO / "tests" / "colocated_run.py"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads([line for line in done.stdout.splitlines() if line.startswith('{"pushes"')][-1])
+    assert result["pushes"] == 2 and result["trained"]  # steps 0 and 2 (vllm_sync_interval=2), and it trained
+    assert result["answered"] == [4, 4, 4]  # every step's prompts answered by the engine
+    np.testing.assert_allclose(result["engine_logprobs"], result["sent_logprobs"], atol=2e-4)
+    assert np.abs(np.array(result["engine_logprobs"]) - result["start_logprobs"]).max() > 0.1
+    assert len(result["kd_loss"]) == 3 and np.isfinite(result["kd_loss"]).all()
+    assert result["threads_kept"]  # the engine left the trainer's threads and cores as they were
+
+
+def test_use_vllm_colocate_without_vllm_here_is_a_clear_error(tokenizer, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM imports in this environment")
+    args = config(tmp_path, lmbda=1.0, use_vllm=True, vllm_mode="colocate", max_new_tokens=2, max_steps=1)
+    with pytest.raises(ImportError, match="vllm_mode='colocate' runs vLLM inside the training process, but it does "
+                       "not import here .* use vllm_mode='server'"):
+        DistillationTrainer(model=small_llama(len(tokenizer), 32, 1, seed=1), teacher_model=tiny_teacher(tokenizer),
+                            args=args, train_dataset=prompt_response_dataset(tokenizer, n=4), processing_class=tokenizer)
 
 
 def lora_student(tokenizer, seed=3):
