@@ -317,7 +317,8 @@ class DistillationConfig(TrainingArguments):
     vllm_weights_dir: str | None = field(
         default=None,
         metadata={"help": "use_vllm: the folder the student's weights are written to for the server to read (it must "
-                  "see the same path). Default: <output_dir>/vllm-weights."},
+                  "see the same path); with vllm_mode='colocate', its starting weights, which the engine loads. "
+                  "Default: <output_dir>/vllm-weights."},
     )
 
     def __post_init__(self):
@@ -495,8 +496,9 @@ class DistillationConfig(TrainingArguments):
         if self.vllm_mode == "colocate":
             given = [name for name in ("vllm_server_base_url", "vllm_sync_adapters") if getattr(self, name)]
             if given:
-                raise ValueError(f"vllm_mode='colocate' runs vLLM inside the training process; {', '.join(given)} "
-                                 "is for vllm_mode='server'. Drop it, or use vllm_mode='server'.")
+                raise ValueError(f"vllm_mode='colocate' runs vLLM inside the training process; {' and '.join(given)} "
+                                 f"{'are' if len(given) > 1 else 'is'} for vllm_mode='server'. Drop "
+                                 f"{'them' if len(given) > 1 else 'it'}, or use vllm_mode='server'.")
             utilization = self.vllm_gpu_memory_utilization
             if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
                 raise ValueError(f"vllm_gpu_memory_utilization={utilization!r} must be a share in (0, 1], e.g. 0.3.")
