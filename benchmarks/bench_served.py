@@ -9,7 +9,8 @@ Teacher: SmolLM2-135M-Instruct (REAL, float32, benchmarks/export_smollm2.py), se
 Student: the teacher's architecture with STUDENT_LAYERS layers, random init (the step's cost is what counts here).
 Data: KJV English (recipes/data/bible_en_es.jsonl) tokenized as one stream, cut into rows of SEQ tokens.
 
-Each arm runs in its own process (its peak RSS is its own), one at a time, the server idle between arms:
+Each arm runs in its own process (its peak RSS is its own), one at a time; a server is up only when a chosen arm
+asks it (then it idles while the others run):
 1. `cache-local`: `build_cache` with the teacher loaded here, top-k K, over ROWS rows: tokens/s.
    `cache-served`: `build_cache` from the server at the same K: tokens/s. Both after one warm-up batch.
 2. `train-cached`: STEPS steps from the cache of 1 (forward_kl, alpha 0.5); `train-served`: the same steps with the
