@@ -58,7 +58,7 @@ RESULTS = HERE / "results" / "served.jsonl"
 ARMS = ("cache-local", "cache-served", "train-cached", "train-served", "train-live", "generate-hf", "generate-served")
 ROLLOUT_ARMS = ("onpolicy-hf", "onpolicy-vllm")  # with a second server, holding the student
 SYNC_ARMS = ("sync-merged", "sync-adapters")  # with a third, holding the student and taking LoRA adapters
-SERVED = {"cache-served", "train-served", "generate-served", "onpolicy-vllm"}  # the arms that ask a server
+SERVED = {"cache-served", "train-served", "generate-served", "onpolicy-vllm", *SYNC_ARMS}  # the arms that ask a server
 COLOCATE_ARMS = ("generate-colocate", "onpolicy-colocate")  # vLLM inside the arm's process: run by --vllm-python
 
 
@@ -282,37 +282,38 @@ def main():
     cpus = cpu_list(args.server_cpus) if args.server_cpus else None
     log = work / "vllm.log"
     started = time.perf_counter()
-    # A server is up only while arms that ask it run: the in-process arms run with no server beside them.
+
+    def server_for(group, *args_, **kwargs):
+        """A server for `group`'s chosen arms, started only when one of them asks it (the in-process arms run with
+        no server beside them)."""
+        if not SERVED.intersection(group, chosen):
+            return contextlib.nullcontext()
+        return LocalVLLMServer(args.vllm_python, *args_, cpus=cpus, **kwargs)
+
+    def run_group(group, server):
+        for arm in group:
+            if arm in chosen:
+                results[arm] = run_child(args, arm, server.url if arm in SERVED else None, work)
+
     if any(arm in chosen for arm in ARMS):
-        served = SERVED & set(chosen)
-        with LocalVLLMServer(args.vllm_python, args.model_dir, name="teacher", max_logprobs=max(args.top_k, 20),
-                             max_model_len=max(args.seq, 32 + args.new) + 8, log_file=str(log),
-                             cpus=cpus) if served else contextlib.nullcontext() as server:
-            if served:
+        with server_for(ARMS, args.model_dir, name="teacher", max_logprobs=max(args.top_k, 20),
+                        max_model_len=max(args.seq, 32 + args.new) + 8, log_file=str(log)) as server:
+            if server is not None:
                 print(f"vLLM ready at {server.url} after {time.perf_counter() - started:.0f} s (log: {log})", flush=True)
-            for arm in ARMS:
-                if arm in chosen:
-                    results[arm] = run_child(args, arm, server.url if arm in SERVED else None, work)
+            run_group(ARMS, server)
     if any(arm in chosen for arm in ROLLOUT_ARMS):
         student_dir = work / "student"
         save_student(args, student_dir)
-        served = SERVED & set(chosen)
-        with LocalVLLMServer(args.vllm_python, str(student_dir), name="student", max_model_len=32 + args.new + 8,
-                             log_file=str(work / "vllm-student.log"), env={"VLLM_SERVER_DEV_MODE": "1"},
-                             cpus=cpus) if served else contextlib.nullcontext() as server:
-            for arm in ROLLOUT_ARMS:
-                if arm in chosen:
-                    results[arm] = run_child(args, arm, server.url if arm in SERVED else None, work)
+        with server_for(ROLLOUT_ARMS, str(student_dir), name="student", max_model_len=32 + args.new + 8,
+                        log_file=str(work / "vllm-student.log"), env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
+            run_group(ROLLOUT_ARMS, server)
     if any(arm in chosen for arm in SYNC_ARMS):
         student_dir = work / "student"
         save_student(args, student_dir)
-        with LocalVLLMServer(args.vllm_python, str(student_dir), name="student", max_model_len=32 + args.new + 8,
-                             log_file=str(work / "vllm-lora.log"), extra_args=("--enable-lora", "--max-lora-rank", "16"),
-                             env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
-                             cpus=cpus) as server:
-            for arm in SYNC_ARMS:
-                if arm in chosen:
-                    results[arm] = run_child(args, arm, server.url, work)
+        with server_for(SYNC_ARMS, str(student_dir), name="student", max_model_len=32 + args.new + 8,
+                        log_file=str(work / "vllm-lora.log"), extra_args=("--enable-lora", "--max-lora-rank", "16"),
+                        env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}) as server:
+            run_group(SYNC_ARMS, server)
     for arm in COLOCATE_ARMS:
         if arm in chosen:
             results[arm] = run_child(args, arm, None, work, python=args.vllm_python)
